@@ -1,0 +1,146 @@
+"""Config and command line, shared by every exercise script.
+
+An exercise builds its `config` dict as `{**COMMON, ...its own keys...}`. Every key can be
+overridden from the command line under the same name (`--lr 3e-4`, `--hidden=[512,256]`);
+values are Python literals, type-checked against the default. `--help` lists each key with
+its default and the comment written next to it in the source. Bad input ends the program
+with one line on stderr and exit code 2, before anything is written.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import netrc
+import os
+import re
+import sys
+from typing import Any, Callable
+
+
+class UserError(Exception):
+    """Something the user can fix (bad data dir, corrupt checkpoint...): one line, no traceback."""
+
+
+def wandb_default() -> str:
+    """'online' when the user can reach W&B (API key or netrc login), else 'offline'."""
+    if os.environ.get('WANDB_API_KEY'):
+        return 'online'
+    try:
+        return 'online' if netrc.netrc().authenticators('api.wandb.ai') else 'offline'
+    except (OSError, netrc.NetrcParseError):
+        return 'offline'
+
+
+COMMON: dict[str, Any] = {
+    # data
+    'dataset': 'mnist',                             # mnist | fashion_mnist | digits | cifar10
+    'data_dir': os.environ.get('DLA_DATA', './data'),  # torchvision layout; env DLA_DATA overrides
+    'val_split': 0.1,                               # fraction of train held out for model selection
+    'subset': 0,                                    # use at most this many samples per split (0 = all)
+    # optimisation
+    'epochs': 10,                                   # passes over the training split
+    'batch_size': 128,                              # samples per optimizer step
+    'optimizer': 'adamw',                           # adam | adamw | sgd (sgd uses Nesterov momentum)
+    'lr': 1e-3,                                     # peak learning rate
+    'momentum': 0.9,                                # sgd only
+    'weight_decay': 0.0,                            # decoupled for adamw, L2 for adam/sgd
+    'scheduler': 'cosine',                          # none | cosine | onecycle (stepped per batch)
+    'label_smoothing': 0.0,                         # cross-entropy target smoothing
+    # system
+    'device': 'auto',                               # auto = cuda, then mps, then cpu
+    'seed': 0,                                      # model init, shuffling, dropout
+    'amp': True,                                    # bf16 autocast on CUDA; ignored elsewhere
+    'compile': False,                               # torch.compile the model (worth it on CUDA)
+    'max_steps': 0,                                 # cap on optimizer steps per epoch (0 = none); smoke runs
+    # runs and logging
+    'runs_dir': './runs',                           # a run writes runs/<exercise>/<run_name>/
+    'run_name': '',                                 # '' = <model>-<dataset>-<timestamp>
+    'resume': '',                                   # '' | path to a checkpoint | auto (this run's last.pt)
+    'wandb': wandb_default(),                       # online | offline | off (online when logged in)
+    'wandb_project': 'dla-labs',                    # W&B project; runs are grouped by exercise
+}
+
+_COMMENT = re.compile(r"""^\s*['"](\w+)['"]\s*:.*#\s*(.*)$""")
+
+
+def _comments(*sources: str) -> dict[str, str]:
+    """The `# comment` written after each `'key': value,` line in the given source files."""
+    found = {}
+    for path in sources:
+        try:
+            lines = open(path, encoding='utf-8').read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            m = _COMMENT.match(line)
+            if m:
+                found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a bare word such as `--optimizer sgd` is a string
+    if isinstance(default, bool) and isinstance(text, str) and text.lower() in ('true', 'false'):
+        value = text.lower() == 'true'
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(default, list) and isinstance(value, tuple):
+        value = list(value)
+    if type(value) is not type(default):
+        raise UserError(f"--{key} expects a {type(default).__name__} like {default!r}, got {text!r}")
+    return value
+
+
+def parse_args(config: dict[str, Any], argv: list[str]) -> dict[str, Any]:
+    """The overrides given in argv, checked against config. Raises UserError on bad input."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith('--'):
+            raise UserError(f"unexpected argument {arg!r}; options look like --key value")
+        key, eq, text = arg[2:].partition('=')
+        if key not in config:
+            raise UserError(f"unknown config key {key!r} (see --help)")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise UserError(f"--{key} needs a value")
+            i += 1
+            text = argv[i]
+        overrides[key] = _parse_value(key, text, config[key])
+        i += 1
+    return overrides
+
+
+def help_text(config: dict[str, Any], script: str) -> str:
+    notes = _comments(__file__, script)
+    width = max(map(len, config))
+    rows = [f"  --{k:<{width}}  {v!r:<24} {notes.get(k, '')}" for k, v in config.items()]
+    return f"usage: python {os.path.basename(script)} [--key value ...]\n\n" + "\n".join(rows)
+
+
+def cli(main: Callable[[dict[str, Any], dict[str, Any]], Any], config: dict[str, Any],
+        argv: list[str] | None = None) -> None:
+    """Parse argv against config and call main(config, overrides).
+
+    Exit codes: 2 for a bad command line, 1 for other user errors (missing data, corrupt
+    checkpoint), 130 after an interrupted run that saved a checkpoint.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    script = inspect.getsourcefile(main) or sys.argv[0]
+    if '-h' in argv or '--help' in argv:
+        print(help_text(config, script))
+        sys.exit(0)
+    try:
+        overrides = parse_args(config, argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        main({**config, **overrides}, overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,171 @@
+"""Evaluation, checkpoint loading and figures.
+
+`evaluate(model, split)` -> loss, accuracy, per-class accuracy, confusion matrix.
+`load_model(path)` rebuilds a model from a checkpoint alone (weights_only=True).
+`report(run, model, data, history)` runs the one test evaluation of a run, with its best-on-val
+checkpoint, and writes results.json and the figures.
+
+As a script: `python evaluate.py runs/exercise_1_1/<run>/checkpoints/best.pt` re-evaluates a
+checkpoint on its test split.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+from config import UserError
+
+if TYPE_CHECKING:
+    from dataset import Data, Split
+    from training import Run
+
+CHECKPOINT_KEYS = {'model', 'model_class', 'model_args', 'config'}
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1024, amp: bool = True,
+             memory_format: torch.memory_format = torch.contiguous_format) -> dict:
+    """Mean cross-entropy, accuracy, per-class accuracy and confusion matrix (rows: true class)."""
+    was_training = model.training
+    model.eval()
+    device = split.y.device
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' and amp else nullcontext()
+    loss_sum, confusion = torch.zeros((), device=device), 0
+    for x, y in split.batches(batch_size):
+        with autocast:
+            logits = model(x.contiguous(memory_format=memory_format))
+        num_classes = logits.shape[1]
+        loss_sum += F.cross_entropy(logits.float(), y, reduction='sum')
+        confusion = confusion + torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes ** 2)
+    model.train(was_training)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    n = max(len(split), 1)
+    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+    return {'loss': loss_sum.item() / n, 'acc': confusion.diag().sum().item() / n,
+            'per_class_acc': per_class.tolist(), 'confusion': confusion}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this project, loaded with weights_only=True; UserError for anything else."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - truncated, garbage, or pickles that are not plain data
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); nothing was changed") from None
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint of this project (needs {sorted(CHECKPOINT_KEYS)})")
+    return ckpt
+
+
+def load_model(path: str) -> tuple[nn.Module, dict]:
+    """(model with the checkpoint's weights, checkpoint) — rebuilt from the checkpoint alone."""
+    ckpt = load_checkpoint(path)
+    cls = getattr(models, ckpt['model_class'], None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise UserError(f"{path}: unknown model class {ckpt['model_class']!r}")
+    model = cls(**ckpt['model_args'])
+    model.load_state_dict(ckpt['model'])
+    return model, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+def plot_curves(history: list[dict]):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    epochs = [h['epoch'] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric in zip(axes, ('loss', 'acc')):
+        for split in ('train', 'val'):
+            ax.plot(epochs, [h[f'{split}/{metric}'] for h in history], marker='.', label=split)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_yscale('log')
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], title: str = ''):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rates = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(0.55 * k + 2.5, 0.55 * k + 2))
+    ax.imshow(rates, cmap='Blues', vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if confusion[i, j]:
+                ax.text(j, i, int(confusion[i, j]), ha='center', va='center', fontsize=7,
+                        color='white' if rates[i, j] > 0.5 else 'black')
+    ax.set_xticks(range(k), classes, rotation=45, ha='right', fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('true')
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# End of a run
+
+def report(run: Run, model: nn.Module, data: Data, history: list[dict]) -> dict:
+    """Test the best-on-val checkpoint once; write results.json and figures; close the run."""
+    from training import write_json
+    best = load_checkpoint(run.path('checkpoints', 'best.pt'))
+    model.load_state_dict(best['model'])
+    test = evaluate(model, data.test, amp=run.config['amp'])
+    results = {
+        'test_acc': test['acc'], 'test_loss': test['loss'],
+        'best_val_acc': best['best_val_acc'], 'best_epoch': best['best_epoch'],
+        'epochs_run': len(history), 'train_seconds': sum(h['epoch_seconds'] for h in history),
+        'num_params': models.num_params(model), 'dataset': data.name, 'device': str(run.device),
+        'torch_version': torch.__version__, 'per_class_acc': test['per_class_acc'],
+    }
+    write_json(run.path('results.json'), results)
+    run.log({'test/acc': test['acc'], 'test/loss': test['loss']}, step=len(history))
+    run.log_figure('curves', plot_curves(history))
+    run.log_figure('confusion', plot_confusion(test['confusion'], data.classes,
+                                               f"{data.name} test, acc {100 * test['acc']:.2f}%"))
+    print(f"test acc {100 * test['acc']:.2f}% (loss {test['loss']:.4f}) with best.pt from epoch "
+          f"{best['best_epoch']} (val acc {100 * best['best_val_acc']:.2f}%) -> {run.path('results.json')}")
+    run.finish({k: v for k, v in results.items() if k != 'per_class_acc'})
+    return results
+
+
+def main(argv: list[str]) -> None:
+    from dataset import load_data
+    from training import pick_device
+    if len(argv) != 1 or argv[0].startswith('-'):
+        raise UserError("usage: python evaluate.py PATH/TO/checkpoint.pt")
+    model, ckpt = load_model(argv[0])
+    device = pick_device(ckpt['config']['device'])
+    data = load_data(ckpt['config'], device)
+    test = evaluate(model.to(device), data.test)
+    print(f"{argv[0]}: {data.name} test acc {100 * test['acc']:.2f}% loss {test['loss']:.4f}")
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
