@@ -106,7 +106,8 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], title: str = '')
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    rates = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+    confusion = confusion.numpy()
+    rates = confusion / confusion.sum(1, keepdims=True).clip(min=1)
     k = len(classes)
     fig, ax = plt.subplots(figsize=(0.55 * k + 2.5, 0.55 * k + 2))
     ax.imshow(rates, cmap='Blues', vmin=0, vmax=1)

@@ -1,0 +1,17 @@
+# The two commands of the README. `make` alone prints this list.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip install -q -r requirements.txt
+
+.PHONY: help install run test
+help:
+	@echo "make run    install dependencies, then run exercise 1.1 (MLP on MNIST)"
+	@echo "make test   install dependencies, then run the test suite (CPU, offline)"
+
+install:
+	$(PIP)
+
+run: install
+	$(PYTHON) exercise_1_1.py $(ARGS)
+
+test: install
+	$(PYTHON) -m pytest -q tests

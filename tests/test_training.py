@@ -1,0 +1,180 @@
+import glob
+import json
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+import training
+from config import UserError
+from dataset import load_data
+from evaluate import load_checkpoint
+from exercise_1_1 import main
+from models import MLP
+from training import Run, train
+
+
+def fit(config, overrides=None):
+    """One run as exercise 1.1 composes it, returning (model, run, history)."""
+    run = Run('exercise_1_1', config, overrides, name='mlp')
+    data = load_data(run.config, run.device)
+    model = MLP(64, run.config['hidden'], 10, dropout=run.config['dropout'])
+    return model, run, train(model, data, run)
+
+
+def test_overfits_a_small_batch(config):
+    config = {**config, 'subset': 64, 'batch_size': 64, 'epochs': 60, 'hidden': [128], 'dropout': 0.0,
+              'lr': 3e-3, 'weight_decay': 0.0, 'scheduler': 'none', 'label_smoothing': 0.0}
+    _, run, history = fit(config)
+    run.finish()
+    assert history[-1]['train/acc'] == 1.0 and history[-1]['train/loss'] < 0.05
+
+
+def test_mlp_shapes():
+    model = MLP(784, [64, 32], 10)
+    assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+    assert [m.out_features for m in model.modules() if isinstance(m, nn.Linear)] == [64, 32, 10]
+
+
+def stop_when(monkeypatch, should_stop):
+    """Send ourselves SIGTERM when should_stop(epoch, batch) first holds, as a cluster scheduler would."""
+    real = training.Run.log
+    step = {'batch': 0}
+
+    def hook(module, args):
+        step['batch'] += module.training  # count training steps, not evaluation batches
+        if module.training and should_stop(None, step['batch']):
+            signal.raise_signal(signal.SIGTERM)
+
+    def log(self, metrics, step):
+        real(self, metrics, step)
+        if should_stop(step, None):
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(training.Run, 'log', log)
+    return hook
+
+
+@pytest.mark.parametrize('where', ['after epoch 1', 'mid-epoch 2'])
+def test_resume_after_sigterm_is_bitwise_identical(config, tmp_path, monkeypatch, where):
+    config = {**config, 'subset': 400, 'batch_size': 32, 'epochs': 3, 'dropout': 0.3}
+    reference, run, _ = fit({**config, 'run_name': 'uninterrupted'})
+    run.finish()
+
+    if where == 'after epoch 1':
+        hook = stop_when(monkeypatch, lambda epoch, batch: epoch == 1)
+    else:  # 13 batches per epoch: stop after the 4th batch of epoch 2
+        hook = stop_when(monkeypatch, lambda epoch, batch: batch == 17)
+    run = Run('exercise_1_1', {**config, 'run_name': 'interrupted'}, name='mlp')
+    data = load_data(run.config, run.device)
+    model = MLP(64, config['hidden'], 10, dropout=config['dropout'])
+    model.register_forward_pre_hook(hook)
+    with pytest.raises(SystemExit) as exit_info:
+        train(model, data, run)
+    assert exit_info.value.code == 130
+    monkeypatch.undo()
+    last = os.path.join(run.dir, 'checkpoints', 'last.pt')
+    ckpt = load_checkpoint(last)
+    assert (ckpt['epoch'], ckpt['batch']) == ((1, 0) if where == 'after epoch 1' else (1, 4))
+
+    resumed, run, history = fit({**config, 'run_name': 'interrupted', 'resume': last}, {'resume': last})
+    run.finish()
+    assert [h['epoch'] for h in history] == [1, 2, 3]
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_auto_finds_last_checkpoint(config):
+    _, run, _ = fit({**config, 'epochs': 1})
+    run.finish()
+    run = Run('exercise_1_1', {**config, 'epochs': 2, 'resume': 'auto'}, {'epochs': 2}, name='mlp')
+    assert run.checkpoint is not None and run.checkpoint['epoch'] == 1 and run.config['epochs'] == 2
+    run.finish()
+
+
+class ExplodesAtEpoch2(MLP):
+    """An MLP whose loss turns NaN from its 6th training step on."""
+    steps = 0
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            ExplodesAtEpoch2.steps += 1
+            if ExplodesAtEpoch2.steps > 5:
+                out = out * float('nan')
+        return out
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(config):
+    config = {**config, 'subset': 320, 'batch_size': 64}  # 5 steps per epoch
+    run = Run('exercise_1_1', config, name='mlp')
+    data = load_data(config, 'cpu')
+    with pytest.raises(UserError, match='loss became nan in epoch 2'):
+        train(ExplodesAtEpoch2(64, [16], 10), data, run)
+    ckpt = load_checkpoint(run.path('checkpoints', 'last.pt'))
+    assert ckpt['epoch'] == 1 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+    run.finish()
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / 'last.pt')
+    training.save_checkpoint(path, {'model': {}, 'n': 1})
+
+    def crash(obj, f):
+        f.write(b'half a checkpoint')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(OSError):
+        training.save_checkpoint(path, {'model': {}, 'n': 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)['n'] == 1
+
+
+def test_tensorboard_events_hold_the_logged_scalars(config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    results = main(config, {})
+    events = EventAccumulator(os.path.join(config['runs_dir'], 'exercise_1_1', 'test'))
+    events.Reload()
+    scalars = events.Tags()['scalars']
+    for key in ('train/loss', 'train/acc', 'val/loss', 'val/acc', 'lr', 'epoch_seconds', 'samples_per_second'):
+        assert key in scalars
+        assert [e.step for e in events.Scalars(key)] == [1, 2, 3]
+    assert events.Scalars('test/acc')[0].value == pytest.approx(results['test_acc'])
+
+
+def test_results_json_and_run_directory(config):
+    main(config, {})
+    run_dir = os.path.join(config['runs_dir'], 'exercise_1_1', 'test')
+    results = json.load(open(os.path.join(run_dir, 'results.json')))
+    for key in ('test_acc', 'test_loss', 'best_val_acc', 'best_epoch', 'epochs_run', 'train_seconds', 'num_params',
+                'dataset', 'device', 'torch_version'):
+        assert key in results
+    assert results['epochs_run'] == 3 and results['dataset'] == 'digits' and results['device'] == 'cpu'
+    assert results['num_params'] == 64 * 32 + 32 + 32 * 10 + 10
+    assert results['test_acc'] > 0.5  # 3 epochs of a 32-unit MLP on digits
+    assert json.load(open(os.path.join(run_dir, 'config.json'))) == config
+    for name in ('checkpoints/last.pt', 'checkpoints/best.pt', 'curves.png', 'confusion.png'):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    best = load_checkpoint(os.path.join(run_dir, 'checkpoints', 'best.pt'))
+    assert best['config'] == config and best['best_epoch'] == results['best_epoch']
+
+
+def test_wandb_offline_run_is_written(config, monkeypatch):
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    main({**config, 'wandb': 'offline', 'epochs': 1}, {})
+    run_dir = os.path.join(config['runs_dir'], 'exercise_1_1', 'test')
+    assert glob.glob(os.path.join(run_dir, 'wandb', 'offline-run-*', 'run-*.wandb'))
+
+
+def test_wandb_init_failure_does_not_stop_the_run(config, monkeypatch, capsys):
+    import wandb
+
+    def broken_init(**kwargs):
+        raise RuntimeError('api.wandb.ai unreachable')
+    monkeypatch.setattr(wandb, 'init', broken_init)
+    results = main({**config, 'wandb': 'online', 'epochs': 1}, {})
+    out = capsys.readouterr().out
+    assert 'W&B online init failed (RuntimeError: api.wandb.ai unreachable)' in out
+    assert 'W&B offline init failed' in out and 'W&B logging is off' in out
+    assert results['epochs_run'] == 1
