@@ -92,7 +92,8 @@ def plot_curves(history: list[dict]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, metric in zip(axes, ('loss', 'acc')):
         for split in ('train', 'val'):
-            ax.plot(epochs, [h[f'{split}/{metric}'] for h in history], marker='.', label=split)
+            label = 'train (running, dropout and label smoothing on)' if split == 'train' else 'val'
+            ax.plot(epochs, [h[f'{split}/{metric}'] for h in history], marker='.', label=label)
         ax.set_xlabel('epoch')
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
