@@ -1,0 +1,97 @@
+"""Exercise 1.2 — residual MLPs: deeper networks train when layers have skip connections.
+
+The lab asks to compare plain MLPs and residual MLPs (SkipMLP) across depths, show that deep
+networks train when they have residual connections, and explain why with the gradient norms
+of every layer on one training batch. Three parts, chosen with --part:
+
+  single  one (model, depth, width) run with the full training budget; the defaults train a
+          SkipMLP that matches exercise 1.1's MLP. A W&B sweep agent runs exactly this.
+  study   plain vs residual at each of `depths`, same width, optimiser, epochs and seed:
+          runs/exercise_1_2/study.csv, study_acc.png, study_loss.png. Re-running skips
+          finished cells and resumes an interrupted one.
+  grads   per-layer gradient norms at initialisation and after training, for every study
+          cell: runs/exercise_1_2/grad_norms.png and a printed summary.
+
+Measured results, and the data and hardware behind them, are in README.md.
+
+    python exercise_1_2.py                                   # all three parts on MNIST
+    python exercise_1_2.py --part single --model plain --depth 16
+    python exercise_1_2.py --part study --dataset fashion_mnist --subset 10000
+    wandb sweep sweeps/exercise_1_2.yaml                     # the study's grid as a W&B sweep
+    python exercise_1_2.py --help                            # every key, default and reason
+"""
+import os
+
+from config import COMMON, UserError, cli
+from dataset import Data
+from models import MLP, SkipMLP
+from study import (gradient_study, plot_grad_norms, plot_loss_curves, plot_study, print_grad_summary,
+                   run_study, save_figure, train_run, write_csv)
+
+EXERCISE = 'exercise_1_2'
+
+config = {
+    **COMMON,
+    'part': 'all',                  # single | study | grads | all
+    'dataset': 'mnist',             # mnist | fashion_mnist | digits
+    # optimisation: exercise 1.1's recipe, shared by the single run and the study
+    'epochs': 20,                   # single run; the study uses study_epochs
+    'batch_size': 128,              # samples per optimizer step
+    'optimizer': 'adamw',           # Adam with decoupled weight decay
+    'lr': 1e-3,                     # the usual Adam peak; cosine-annealed to 0 per step
+    'weight_decay': 0.05,           # decoupled
+    'scheduler': 'cosine',          # per step
+    'label_smoothing': 0.1,         # as in exercise 1.1
+    # model of the single run (the study varies model and depth)
+    'model': 'residual',            # plain (models.MLP) | residual (models.SkipMLP)
+    'depth': 4,                     # hidden Linear layers, counted as in MLP (SkipMLP adds an input layer)
+    'width': 1024,                  # every hidden layer; the study uses study_width
+    'block_size': 2,                # Linear layers per residual block
+    'norm': False,                  # LayerNorm in residual blocks; off, so the skip is the only difference
+    'dropout': 0.2,                 # plain: after every hidden ReLU; residual: after every ReLU (before each block Linear and the classifier)
+    # depth study and gradient analysis
+    'depths': [2, 4, 8, 16, 32, 64],  # hidden layers of each study cell, for both models
+    'study_width': 256,             # hidden width of every study cell
+    'study_epochs': 3,              # epochs per study cell: the same small budget for both models
+}
+
+
+def build_model(config: dict, data: Data):
+    """config['model'] at config['depth'] hidden layers of config['width']."""
+    c, h, w = data.shape
+    hidden = [config['width']] * config['depth']
+    if config['model'] == 'plain':
+        return MLP(c * h * w, hidden, data.num_classes, dropout=config['dropout'])
+    if config['model'] == 'residual':
+        return SkipMLP(c * h * w, hidden, data.num_classes, block_size=config['block_size'],
+                       dropout=config['dropout'], norm=config['norm'])
+    raise UserError(f"unknown model {config['model']!r}; choose plain or residual")
+
+
+def main(config: dict, overrides: dict) -> None:
+    if config['part'] not in ('single', 'study', 'grads', 'all'):
+        raise UserError(f"unknown part {config['part']!r}; choose single, study, grads or all")
+    if config['part'] in ('single', 'all'):
+        train_run(EXERCISE, config, build_model, overrides,
+                  name=f"{config['model']}-d{config['depth']}-w{config['width']}")
+
+    # the study: every cell shares everything but model and depth
+    study = {**config, 'width': config['study_width'], 'epochs': config['study_epochs'], 'resume': ''}
+    out_dir = os.path.join(config['runs_dir'], EXERCISE)
+    name = f"{config['dataset']}, width {study['width']}, {study['epochs']} epochs"
+    if config['part'] in ('study', 'all'):
+        rows = run_study(EXERCISE, study, build_model, depths=config['depths'])
+        write_csv(rows, os.path.join(out_dir, 'study.csv'))
+        save_figure(plot_study(rows, title=f'test accuracy vs depth ({name})'), os.path.join(out_dir, 'study_acc.png'))
+        save_figure(plot_loss_curves(rows, title=f'training loss ({name})'), os.path.join(out_dir, 'study_loss.png'))
+
+    # why: gradient norms per layer on one training batch
+    if config['part'] in ('grads', 'all'):
+        records = gradient_study(EXERCISE, study, build_model, depths=config['depths'])
+        print_grad_summary(records)
+        save_figure(plot_grad_norms(records, title=f'gradient norm per layer, one batch ({name})'),
+                    os.path.join(out_dir, 'grad_norms.png'))
+
+
+if __name__ == '__main__':
+    cli(main, config)

@@ -1,0 +1,231 @@
+"""Depth studies: train a grid of (model, depth) runs, compare them, look at their gradients.
+
+Shared by exercise 1.2 (MLP vs SkipMLP) and 1.3 (plain vs residual CNN). The exercise supplies
+`build_model(config, data)`, which reads config['model'] and config['depth'] (and whatever
+else it needs, e.g. config['width']); everything else is here:
+
+    rows = run_study('exercise_1_2', config, build_model, depths=[2, 4, 8])  # trains or skips
+    write_csv(rows, 'runs/exercise_1_2/study.csv')
+    save_figure(plot_study(rows), 'runs/exercise_1_2/study_acc.png')
+    save_figure(plot_loss_curves(rows), 'runs/exercise_1_2/study_loss.png')
+    records = gradient_study('exercise_1_2', config, build_model, depths=[2, 4, 8])
+    save_figure(plot_grad_norms(records), 'runs/exercise_1_2/grad_norms.png')
+
+Every cell is an ordinary run (Run -> load_data -> build_model -> train -> report) with a fixed
+name, study-<model>-d<depth>, so running the study again skips cells whose results.json
+exists and resumes a cell whose checkpoints/last.pt exists.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dataset import Data, load_data
+from evaluate import load_checkpoint, load_model, report
+from training import Run, pick_device, train
+
+BuildModel = Callable[[dict, Data], nn.Module]  # (config with 'model' and 'depth', data) -> model
+CSV_COLUMNS = ['model', 'depth', 'width', 'params', 'best_val_acc', 'test_acc', 'final_train_loss',
+               'train_seconds']
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs
+
+def train_run(exercise: str, config: dict, build_model: BuildModel, overrides: dict | None = None,
+              name: str = 'run') -> dict:
+    """One run: Run -> load_data -> build_model -> train -> report. Returns results.json's dict."""
+    run = Run(exercise, config, overrides, name=name, tags=[config['model'], f"depth={config['depth']}"])
+    config = run.config  # the checkpoint's, when resuming
+    data = load_data(config, run.device)
+    model = build_model(config, data)
+    history = train(model, data, run)
+    return report(run, model, data, history)
+
+
+def cell_dir(exercise: str, config: dict, model: str, depth: int) -> str:
+    return os.path.join(config['runs_dir'], exercise, f'study-{model}-d{depth}')
+
+
+def run_study(exercise: str, config: dict, build_model: BuildModel,
+              models: Sequence[str] = ('plain', 'residual'),
+              depths: Sequence[int] = (2, 4, 8, 16, 32, 64)) -> list[dict]:
+    """Train every (model, depth) cell with `config`, skipping finished cells, resuming broken ones.
+
+    A cell's config is `config` with model, depth, run_name and resume set; a resumed cell
+    continues with its checkpoint's config. Returns one row per cell: the CSV_COLUMNS plus
+    'history' (the per-epoch rows of train()).
+    """
+    rows = []
+    for depth in depths:
+        for model in models:
+            run_dir = cell_dir(exercise, config, model, depth)
+            last = os.path.join(run_dir, 'checkpoints', 'last.pt')
+            if os.path.exists(os.path.join(run_dir, 'results.json')):
+                print(f"skip {run_dir}: results.json exists")
+            else:
+                cell = {**config, 'model': model, 'depth': depth, 'run_name': os.path.basename(run_dir),
+                        'resume': last if os.path.exists(last) else ''}
+                train_run(exercise, cell, build_model)
+            rows.append(study_row(run_dir))
+    return rows
+
+
+def study_row(run_dir: str) -> dict:
+    """The CSV row (plus 'history') of a finished cell, read back from its files."""
+    import json
+    with open(os.path.join(run_dir, 'results.json')) as f:
+        results = json.load(f)
+    ckpt = load_checkpoint(os.path.join(run_dir, 'checkpoints', 'last.pt'))
+    config, history = ckpt['config'], ckpt['history']
+    return {'model': config['model'], 'depth': config['depth'], 'width': config.get('width', ''),
+            'params': results['num_params'], 'best_val_acc': results['best_val_acc'],
+            'test_acc': results['test_acc'], 'final_train_loss': history[-1]['train/loss'],
+            'train_seconds': results['train_seconds'], 'history': history}
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients
+
+def grad_norms(model: nn.Module, x: Tensor, y: Tensor) -> list[tuple[str, float]]:
+    """L2 norm of d cross_entropy(model(x), y) / d weight for every Linear and Conv2d, in module order.
+
+    Uses the model's current mode (train/eval) and leaves every .grad untouched.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, [m.weight for _, m in layers])
+    return [(name, g.norm().item()) for (name, _), g in zip(layers, grads)]
+
+
+def gradient_study(exercise: str, config: dict, build_model: BuildModel,
+                   models: Sequence[str] = ('plain', 'residual'),
+                   depths: Sequence[int] = (2, 4, 8, 16, 32, 64)) -> list[dict]:
+    """Per-layer gradient norms on one fixed training batch, at initialisation and after training.
+
+    The batch is the first config['batch_size'] training samples, unaugmented. 'init' rebuilds
+    the model with the run's seed (the run's own initial weights); 'trained' loads the cell's
+    best.pt. Returns records {'model', 'depth', 'stage': 'init' | 'trained', 'norms'}.
+    """
+    device = pick_device(config['device'])
+    data = load_data(config, device)
+    x = data.train.normalize(data.train.x[:config['batch_size']])  # (B, C, H, W) float
+    y = data.train.y[:config['batch_size']]
+    records = []
+    for depth in depths:
+        for model_name in models:
+            best = os.path.join(cell_dir(exercise, config, model_name, depth), 'checkpoints', 'best.pt')
+            trained, ckpt = load_model(best)
+            torch.manual_seed(ckpt['config']['seed'])  # as Run does before the script builds the model
+            initial = build_model(ckpt['config'], data)
+            for stage, model in (('init', initial), ('trained', trained)):
+                torch.manual_seed(0)  # same dropout masks, if any, for every model
+                norms = grad_norms(model.to(device).train(), x, y)
+                records.append({'model': model_name, 'depth': depth, 'stage': stage, 'norms': norms})
+    return records
+
+
+def print_grad_summary(records: list[dict]) -> None:
+    print(f"{'model':>9} {'depth':>5} {'stage':>7} {'first layer':>12} {'last layer':>12} {'first/last':>11}")
+    for r in records:
+        first, last = r['norms'][0][1], r['norms'][-1][1]
+        print(f"{r['model']:>9} {r['depth']:5d} {r['stage']:>7} {first:12.3e} {last:12.3e} "
+              f"{first / max(last, 1e-30):11.3e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+def _plt():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: str) -> str:
+    """For study-level figures, which belong to no single run (those go through Run.log_figure)."""
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    _plt().close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def plot_study(rows: list[dict], metric: str = 'test_acc', title: str = ''):
+    """`metric` against depth (log2 axis), one line per model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for model in dict.fromkeys(r['model'] for r in rows):
+        mine = sorted((r for r in rows if r['model'] == model), key=lambda r: r['depth'])
+        ax.plot([r['depth'] for r in mine], [100 * r[metric] for r in mine], marker='o', label=model)
+    ax.set_xscale('log', base=2)
+    ax.set_xticks(sorted({r['depth'] for r in rows}), [str(d) for d in sorted({r['depth'] for r in rows})])
+    ax.set_xlabel('depth (hidden layers)')
+    ax.set_ylabel(f'{metric} (%)')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss_curves(rows: list[dict], title: str = ''):
+    """Training loss per epoch, one panel per depth, one line per model."""
+    plt = _plt()
+    depths = sorted({r['depth'] for r in rows})
+    fig, axes = plt.subplots(1, len(depths), figsize=(2.6 * len(depths), 3), sharey=True, squeeze=False)
+    for ax, depth in zip(axes[0], depths):
+        for r in (r for r in rows if r['depth'] == depth):
+            ax.plot([h['epoch'] for h in r['history']], [h['train/loss'] for h in r['history']],
+                    marker='.', label=r['model'])
+        ax.set_title(f'depth {depth}')
+        ax.set_xlabel('epoch')
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_yscale('log')
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel('train loss')
+    axes[0][0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_grad_norms(records: list[dict], title: str = ''):
+    """Gradient norm by layer index (log scale): rows = stage (init, trained), columns = model,
+    one line per depth."""
+    plt = _plt()
+    stages = list(dict.fromkeys(r['stage'] for r in records))
+    models = list(dict.fromkeys(r['model'] for r in records))
+    depths = sorted({r['depth'] for r in records})
+    colors = plt.cm.viridis([i / max(len(depths) - 1, 1) for i in range(len(depths))])
+    fig, axes = plt.subplots(len(stages), len(models), figsize=(5 * len(models), 3.4 * len(stages)),
+                             sharey=True, squeeze=False)
+    for r in records:
+        ax = axes[stages.index(r['stage'])][models.index(r['model'])]
+        values = [max(v, 1e-30) for _, v in r['norms']]  # log axis: show exact zeros at the floor
+        ax.plot(range(len(values)), values, color=colors[depths.index(r['depth'])], label=f"depth {r['depth']}")
+    for i, stage in enumerate(stages):
+        for j, model in enumerate(models):
+            ax = axes[i][j]
+            ax.set_yscale('log')
+            ax.set_title(f'{model}, {stage}')
+            ax.set_xlabel('layer index (input -> classifier)')
+            ax.grid(alpha=0.3)
+        axes[i][0].set_ylabel('||dL/dW||')
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

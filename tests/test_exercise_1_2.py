@@ -1,0 +1,155 @@
+"""Exercise 1.2: SkipMLP, study.py (grid with skip/resume, gradient norms) and the W&B sweep file.
+
+CPU only, no network; about 15 s, most of it the in-process smoke study on scikit-learn's digits.
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import exercise_1_2  # noqa: E402
+from config import parse_args  # noqa: E402
+from models import MLP, ResidualBlock, SkipMLP, num_params  # noqa: E402
+from study import grad_norms  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# SkipMLP
+
+@pytest.mark.parametrize('in_width, widths', [(16, [16, 16]), (16, [32, 8]), (16, [24])])
+def test_block_with_zeroed_last_layer_is_identity_or_bridge(in_width, widths):
+    torch.manual_seed(0)
+    block = ResidualBlock(in_width, widths, norm=True)
+    x = torch.randn(5, in_width)
+    skip = x if block.bridge is None else block.bridge(x)
+    assert not torch.allclose(block(x), skip)  # the branch contributes before zeroing
+    last = block.branch[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+    torch.testing.assert_close(block(x), skip)
+
+
+def test_bridge_exactly_when_widths_differ():
+    # blocks of 2: 8 -> [8, 8] | 8 -> [16, 16] | 16 -> [16, 4] | 4 -> [9, 4] | 4 -> [5] (rest)
+    model = SkipMLP(64, [8, 8, 16, 16, 16, 4, 9, 4, 5], num_classes=3, block_size=2)
+    expected = [None, (8, 16), (16, 4), None, (4, 5)]
+    got = [None if b.bridge is None else (b.bridge.in_features, b.bridge.out_features) for b in model.blocks]
+    assert got == expected
+    bridges = [b.bridge for b in model.blocks if b.bridge is not None]
+    assert all(isinstance(b, nn.Linear) and b.bias is None for b in bridges)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+@pytest.mark.parametrize('depth', [1, 2, 3, 8, 17])
+@pytest.mark.parametrize('norm', [False, True])
+def test_shapes_and_parameter_counts(depth, norm):
+    n_in, w, k = 64, 12, 10
+    skip = SkipMLP(n_in, [w] * depth, k, block_size=2, dropout=0.1, norm=norm)
+    plain = MLP(n_in, [w] * depth, k, dropout=0.1)
+    x = torch.randn(3, 1, 8, 8)
+    assert skip(x).shape == plain(x).shape == (3, k)
+
+    linear = (n_in * w + w) + depth * (w * w + w) + (w * k + k)  # input, hidden, classifier
+    layer_norms = 2 * w * (depth + 1) if norm else 0               # one per hidden Linear + final
+    assert num_params(skip) == linear + layer_norms
+    assert num_params(plain) == (n_in * w + w) + (depth - 1) * (w * w + w) + (w * k + k)
+    hidden_linears = [m for b in skip.blocks for m in b.branch if isinstance(m, nn.Linear)]
+    assert len(hidden_linears) == depth and len(skip.blocks) == math.ceil(depth / 2)
+    assert SkipMLP(**skip.args).args == skip.args  # checkpoints rebuild it from model_args
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient norms, against a hand computation
+
+def test_grad_norms_by_hand():
+    # x (1, 1, 1, 2) -> 1x1 conv (weight 1) -> flatten -> W1 (3x2) -> W2 (2x3) -> logits, label 0
+    model = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.Flatten(),
+                          nn.Linear(2, 3, bias=False), nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[2].weight.copy_(torch.tensor([[1., 0.], [0., 1.], [1., 1.]]))
+        model[3].weight.copy_(torch.tensor([[1., 0., 0.], [0., 1., 0.]]))
+    x, y = torch.tensor([[[[1., 2.]]]]), torch.tensor([0])
+    # h = W1 x = [1, 2, 3]; logits = [1, 2]; dL/dlogits = softmax - onehot = s * [-1, 1], s = e / (1 + e)
+    s = math.e / (1 + math.e)
+    # dW2 = g h^T: |g| |h|;  dh = W2^T g = s [-1, 1, 0], dW1 = dh x^T: |dh| |x|;
+    # dx = W1^T dh = s [-1, 1], dconv = dx . x = s
+    expected = [('0', s), ('2', s * math.sqrt(2) * math.sqrt(5)), ('3', s * math.sqrt(2) * math.sqrt(14))]
+    got = grad_norms(model, x, y)
+    assert [name for name, _ in got] == [name for name, _ in expected]
+    for (_, g), (_, e) in zip(got, expected):
+        assert g == pytest.approx(e, rel=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # no side effects on .grad
+
+
+# ---------------------------------------------------------------------------------------------
+# The study, end to end on digits
+
+def test_smoke_study_writes_outputs_then_skips_and_resumes(tmp_path, capsys):
+    keys = dict(dataset='digits', subset=256, max_steps=3, study_epochs=2, depths=[2, 3],
+                study_width=16, wandb='off', runs_dir=str(tmp_path))
+    overrides = parse_args(exercise_1_2.config, [f'--{k}={v}' for k, v in keys.items()])
+    for part in ('study', 'grads'):  # 'single' is the same train_run as one study cell
+        overrides['part'] = part
+        exercise_1_2.main({**exercise_1_2.config, **overrides}, overrides)
+
+    out = tmp_path / 'exercise_1_2'
+    for name in ('study.csv', 'study_acc.png', 'study_loss.png', 'grad_norms.png'):
+        assert (out / name).stat().st_size > 0, name
+    lines = (out / 'study.csv').read_text().splitlines()
+    assert lines[0] == 'model,depth,width,params,best_val_acc,test_acc,final_train_loss,train_seconds'
+    assert [tuple(r.split(',')[:3]) for r in lines[1:]] == [
+        ('plain', '2', '16'), ('residual', '2', '16'), ('plain', '3', '16'), ('residual', '3', '16')]
+    cells = [out / f'study-{m}-d{d}' for d in (2, 3) for m in ('plain', 'residual')]
+    assert all((c / 'curves.png').exists() for c in cells)  # per-run figures through Run.log_figure
+    out_text = capsys.readouterr().out
+    assert 'first/last' in out_text  # the gradient summary
+
+    # again: every cell is skipped, nothing is rewritten ...
+    mtimes = [os.path.getmtime(c / 'results.json') for c in cells]
+    (cells[1] / 'results.json').unlink()  # ... except one "interrupted" cell, which resumes
+    overrides['part'] = 'study'
+    exercise_1_2.main({**exercise_1_2.config, **overrides}, overrides)
+    out_text = capsys.readouterr().out
+    assert out_text.count('skip ') == 3
+    assert f"resuming {cells[1] / 'checkpoints' / 'last.pt'}" in out_text
+    assert 'epoch   1/2' not in out_text  # the resumed cell had finished training: no epoch re-run
+    assert [os.path.getmtime(c / 'results.json') for i, c in enumerate(cells) if i != 1] == \
+        [m for i, m in enumerate(mtimes) if i != 1]
+    assert (cells[1] / 'results.json').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# W&B sweep
+
+def test_sweep_config_validates_with_wandbs_validator():
+    import yaml
+    try:  # what wandb's own controller validates with (wandb.wandb_controller), from wandb[sweeps]
+        import sweeps
+    except ImportError:
+        pytest.fail("needs the `sweeps` package (wandb[sweeps]): pip install --no-deps sweeps jsonref")
+    with open(os.path.join(ROOT, 'sweeps', 'exercise_1_2.yaml')) as f:
+        cfg = yaml.safe_load(f)
+    assert sweeps.schema_violations_from_proposed_config(cfg) == []
+    sweeps.SweepConfig(cfg)  # raises on an invalid config
+    bad = {**cfg, 'method': 'grd', 'parameters': {**cfg['parameters'], 'depth': {'valus': [2]}}}
+    assert len(sweeps.schema_violations_from_proposed_config(bad)) >= 2  # the validator has teeth
+
+    # an agent runs `python exercise_1_2.py --key=value ...`: every cell must parse as one single run
+    assert cfg['program'] == 'exercise_1_2.py' and '${args}' in cfg['command']
+    params = cfg['parameters']
+    fixed = {k: p['value'] for k, p in params.items() if 'value' in p}
+    for model in params['model']['values']:
+        for depth in params['depth']['values']:
+            argv = [f'--{k}={v}' for k, v in {**fixed, 'model': model, 'depth': depth}.items()]
+            parsed = parse_args(exercise_1_2.config, argv)
+            assert parsed['part'] == 'single' and parsed['model'] == model and parsed['depth'] == depth
+    config = exercise_1_2.config
+    assert (fixed['width'], fixed['epochs']) == (config['study_width'], config['study_epochs'])
