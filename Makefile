@@ -9,6 +9,9 @@ help:
 
 install:
 	$(PIP)
+	@# wandb's sweep-config validator (tests only). It pins numpy<2 but does not need it to
+	@# validate, so it is installed without its dependencies; jsonschema/jsonref come from requirements.
+	$(PYTHON) -m pip install -q --no-deps sweeps==0.3.0
 
 run: install
 	$(PYTHON) exercise_1_1.py $(ARGS)
