@@ -68,6 +68,7 @@ class Run:
     def __init__(self, exercise: str, config: dict, overrides: dict | None = None,
                  name: str = 'run', tags: list[str] | None = None):
         self.exercise = exercise
+        config = dict(config)  # resume='auto' resolves into our copy, not the caller's dict
         self.checkpoint = self._find_resume(config, name)
         if self.checkpoint is not None:
             path = config['resume']
@@ -231,6 +232,9 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
     memory_format = torch.channels_last if cuda and conv else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
 
+    if not len(data.train) or not len(data.val):
+        raise UserError(f"empty split (train {len(data.train)}, val {len(data.val)} samples): "
+                        f"--val_split must be between 0 and 1, exclusive")
     bs = config['batch_size']
     steps_per_epoch = math.ceil(len(data.train) / bs)
     if config['max_steps']:

@@ -178,3 +178,10 @@ def test_wandb_init_failure_does_not_stop_the_run(config, monkeypatch, capsys):
     assert 'W&B online init failed (RuntimeError: api.wandb.ai unreachable)' in out
     assert 'W&B offline init failed' in out and 'W&B logging is off' in out
     assert results['epochs_run'] == 1
+
+
+def test_empty_validation_split_is_refused(config):
+    run = Run('exercise_1_1', {**config, 'val_split': 0.0}, name='mlp')
+    with pytest.raises(UserError, match='--val_split must be between 0 and 1'):
+        train(MLP(64, [8], 10), load_data(run.config, 'cpu'), run)
+    run.finish()
