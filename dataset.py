@@ -7,12 +7,17 @@ small that path, not the model, is what limits training speed.
 
 On-disk layout is torchvision's, so an existing torchvision download is reused:
   <data_dir>/MNIST/raw/*-idx?-ubyte[.gz]   <data_dir>/FashionMNIST/raw/...
+  <data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}   (python pickles)
 Missing files are downloaded with torchvision's utilities, which verify MD5 checksums.
+
+With config['augment'], the train split is augmented per batch on the device (random crop
+with zero padding, and a horizontal flip where mirrored images keep their label).
 """
 from __future__ import annotations
 
 import gzip
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -153,6 +158,121 @@ def load_digits_dataset() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# CIFAR-10 (python pickles, as torchvision downloads them)
+
+CIFAR_BATCHES = {'train': [f'data_batch_{i}' for i in range(1, 6)], 'test': ['test_batch']}
+CIFAR_META = 'batches.meta'
+
+
+def _unpickle(path: str) -> dict:
+    """A CIFAR pickle, written by Python 2: keys come back as str whichever way it was written."""
+    with open(path, 'rb') as f:
+        try:
+            d = pickle.load(f, encoding='bytes')  # py2 str -> bytes, as the CIFAR page loads it
+        except Exception as e:  # noqa: BLE001 - truncated or not a pickle at all
+            raise UserError(f"{path} is not a readable CIFAR pickle ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path} is not a CIFAR batch (a pickled dict)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def load_cifar10(data_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """({'train': (images (N, 3, 32, 32) uint8, labels (N,)), 'test': ...}, class names)."""
+    from torchvision.datasets import CIFAR10
+    folder = os.path.join(data_dir, CIFAR10.base_folder)
+    names = [n for files in CIFAR_BATCHES.values() for n in files] + [CIFAR_META]
+    missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
+    if missing:
+        print(f"cifar10: {len(missing)} file(s) missing in {folder}, downloading {CIFAR10.filename}")
+        from torchvision.datasets.utils import download_and_extract_archive
+        try:  # md5-checked; extracts into data_dir/cifar-10-batches-py/
+            download_and_extract_archive(CIFAR10.url, data_dir, filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        except Exception as e:  # noqa: BLE001 - offline, proxy, bad checksum: one clear line
+            raise UserError(f"could not download {CIFAR10.url} for {', '.join(missing)} in {folder} "
+                            f"({type(e).__name__}); copy the files there by hand or go online") from None
+    out = {}
+    for split, files in CIFAR_BATCHES.items():
+        xs, ys = [], []
+        for name in files:
+            path = os.path.join(folder, name)
+            d = _unpickle(path)
+            x, y = np.asarray(d.get('data')), np.asarray(d.get('labels'), dtype=np.int64)
+            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
+                raise UserError(f"{path}: expected 'data' (N, 3072) uint8 and N 'labels', "
+                                f"got {x.dtype} {x.shape} and {y.shape}")
+            xs.append(x.reshape(-1, 3, 32, 32))  # rows are R, G, B planes of 32x32: (N, C, H, W)
+            ys.append(y)
+        out[split] = (np.concatenate(xs), np.concatenate(ys))
+    names = _unpickle(os.path.join(folder, CIFAR_META))['label_names']
+    return out, [c.decode() if isinstance(c, bytes) else c for c in names]
+
+
+class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch table can be extended
+    """Writes bytes as Python 2 `str` opcodes, as the CIFAR files were written: they load as str
+    with encoding='latin1' (torchvision) and as bytes with encoding='bytes' (the CIFAR page)."""
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + n.to_bytes(4, 'little'))
+                   + obj)
+        self.memoize(obj)
+    dispatch[bytes] = save_py2_str
+
+
+def write_cifar10(data_dir: str, arrays: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> str:
+    """The inverse of load_cifar10, in the real on-disk format (protocol 2, bytes keys b'data',
+    b'labels', b'label_names'); for synthetic data in tests and the benchmark. Returns the folder."""
+    folder = os.path.join(data_dir, 'cifar-10-batches-py')
+    os.makedirs(folder, exist_ok=True)
+
+    def dump(name: str, obj: dict) -> None:
+        with open(os.path.join(folder, name), 'wb') as f:
+            _Py2Pickler(f, protocol=2).dump(obj)
+
+    for split, files in CIFAR_BATCHES.items():
+        x, y = arrays[split]
+        for i, (xb, yb) in enumerate(zip(np.array_split(x, len(files)), np.array_split(y, len(files)))):
+            dump(files[i], {b'batch_label': f'{files[i]} (synthetic)'.encode(), b'labels': [int(v) for v in yb],
+                            b'data': np.ascontiguousarray(xb, dtype=np.uint8).reshape(len(xb), -1),
+                            b'filenames': [f'{j}.png'.encode() for j in range(len(xb))]})
+    dump(CIFAR_META, {b'label_names': [c.encode() for c in classes],
+                      b'num_cases_per_batch': len(arrays['train'][1]) // 5, b'num_vis': 3 * 32 * 32})
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation: whole uint8 batches on their device, drawing from that device's global RNG
+
+def random_crop(x: Tensor, pad: int) -> Tensor:
+    """Each image shifted by its own (dy, dx) in [-pad, pad], zeros shifted in: the same as
+    torchvision's RandomCrop(size, padding=pad). (B, C, H, W) -> (B, C, H, W), any dtype."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p), zeros
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), device=x.device)  # top-left corner of each crop
+    rows = dy + torch.arange(h, device=x.device)  # (B, H)
+    cols = dx + torch.arange(w, device=x.device)  # (B, W)
+    i = torch.arange(b, device=x.device)[:, None, None]
+    return padded[i, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+def random_flip(x: Tensor) -> Tensor:
+    """Each image mirrored left-right with probability 1/2. (B, C, H, W) -> (B, C, H, W)."""
+    flip = torch.rand(len(x), device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def make_augment(pad: int, flip: bool) -> Callable[[Tensor], Tensor]:
+    def augment(x: Tensor) -> Tensor:  # uint8 (B, C, H, W) -> uint8 (B, C, H, W)
+        x = random_crop(x, pad) if pad else x
+        return random_flip(x) if flip else x
+    return augment
+
+
+FLIP_INVARIANT = {'fashion_mnist', 'cifar10'}  # a mirrored digit is not a digit; a mirrored shoe is a shoe
+
+
+# ---------------------------------------------------------------------------------------------
 # Assembling the splits
 
 def _stats(x: np.ndarray) -> tuple[list[float], list[float]]:
@@ -166,6 +286,8 @@ def load_data(config: dict, device: torch.device | str) -> Data:
 
     val is a fixed random `val_split` fraction of the official training set (SPLIT_SEED), so
     model selection never sees the test split. `subset` caps every split (smoke runs).
+    config.get('augment') augments the train split: a random crop with padding H // 8 (4 for
+    CIFAR's 32 px, 3 for 28 px, 1 for digits' 8 px) and, for FLIP_INVARIANT datasets, a flip.
     """
     name = config['dataset']
     if name in ('mnist', 'fashion_mnist'):
@@ -173,6 +295,8 @@ def load_data(config: dict, device: torch.device | str) -> Data:
         classes = MNIST_CLASSES if name == 'mnist' else FASHION_CLASSES
     elif name == 'digits':
         arrays, classes = load_digits_dataset(), MNIST_CLASSES
+    elif name == 'cifar10':
+        arrays, classes = load_cifar10(config['data_dir'])
     else:
         raise UserError(f"unknown dataset {name!r}; choose mnist, fashion_mnist, digits or cifar10")
 
@@ -195,7 +319,9 @@ def load_data(config: dict, device: torch.device | str) -> Data:
                      mean=torch.tensor(mean, device=device).view(1, c, 1, 1),
                      std=torch.tensor(std, device=device).view(1, c, 1, 1))
 
-    return Data(name=name, classes=classes,
-                train=split(x_train[train_idx], y_train[train_idx]),
+    train = split(x_train[train_idx], y_train[train_idx])
+    if config.get('augment', False):
+        train.augment = make_augment(pad=x_train.shape[2] // 8, flip=name in FLIP_INVARIANT)
+    return Data(name=name, classes=classes, train=train,
                 val=split(x_train[val_idx], y_train[val_idx]),
                 test=split(x_test, y_test))

@@ -81,5 +81,57 @@ class SkipMLP(nn.Module):
         return self.classifier(self.head(self.blocks(self.input(x))))
 
 
+class CNN(nn.Module):
+    """A fully convolutional classifier; `variant` 'plain' or 'residual', same layers otherwise.
+
+    Each stage is the reference repo's stage, conv -> BatchNorm -> ReLU -> [Dropout] -> MaxPool(2),
+    which sets the stage's width and halves the resolution, followed by `depth` blocks of two
+    3x3 convs at that width:
+      plain:    conv-BN-ReLU-conv-BN-ReLU
+      residual: torchvision's BasicBlock, conv-BN-ReLU-conv-BN, + identity, ReLU
+    Shapes never change inside a block (the stage conv already did), so BasicBlock needs no
+    downsample and both variants have exactly the same parameters: only the shortcut differs.
+    depth=0 is the reference network itself; conv layers = len(widths) * (1 + 2 * depth).
+
+    Head: global average pooling, then one Linear. For CAM (exercise 2.3):
+      model.features    nn.Sequential of all stages; its output is the final maps A, (B, K, h, w)
+      model.classifier  the nn.Linear(K, num_classes) applied after global average pooling
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, widths: list[int], depth: int = 1,
+                 variant: str = 'residual', kernel_size: int = 3, stride: int = 1, padding: int = 1,
+                 dropout: float = 0.0):
+        super().__init__()
+        if variant not in ('plain', 'residual'):
+            raise ValueError(f"variant must be 'plain' or 'residual', got {variant!r}")
+        self.args = dict(in_channels=in_channels, num_classes=num_classes, widths=list(widths), depth=depth,
+                         variant=variant, kernel_size=kernel_size, stride=stride, padding=padding,
+                         dropout=dropout)
+        from torchvision.models.resnet import BasicBlock  # lazy: torchvision is slow to import
+
+        def conv_bn_relu(c_in: int, c_out: int, k: int = 3, s: int = 1, p: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, k, s, p, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+        stages: list[nn.Module] = []
+        c = in_channels
+        for w in widths:
+            layers = conv_bn_relu(c, w, kernel_size, stride, padding)
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            layers.append(nn.MaxPool2d(2))
+            for _ in range(depth):
+                layers.append(BasicBlock(w, w) if variant == 'residual'
+                              else nn.Sequential(*conv_bn_relu(w, w), *conv_bn_relu(w, w)))
+            stages.append(nn.Sequential(*layers))
+            c = w
+        self.features = nn.Sequential(*stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
+        a = self.features(x)  # (B, K, h, w): the maps CAM weighs with classifier.weight
+        return self.classifier(self.pool(a))
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,112 @@
+"""Exercise 1.3 — depth in CNNs: plain stacks stop improving, residual ones keep going.
+
+The lab repeats exercise 1.2's depth study with CNNs on CIFAR-10: deeper CNNs without
+residual connections do not always work better, even deeper ones with residual connections
+do. models.CNN builds both from one stage design (conv-BN-ReLU-[Dropout]-MaxPool, then `depth`
+blocks of two 3x3 convs, with or without the identity shortcut), so "depth d" has the same
+layers and parameters in both variants.
+
+The default run trains a residual CNN (widths 128/256/512, one block per stage: a ResNet-9
+layout) on CIFAR-10 with a short one-cycle SGD schedule, data and augmentation on the GPU,
+bf16 and channels_last. Expected: about 94% test accuracy in 15-25 s on one H100/H200 —
+an expectation from published recipes of this size, NOT a measurement of this code (no
+CIFAR-10 and no GPU where it was written). What was measured (Fashion-MNIST on a CPU) and the
+commands are in README.md.
+
+Three parts, chosen with --part (default: single):
+  single  one CNN with the full training budget (the default: CIFAR-10, residual).
+  study   plain vs residual at each of `depths`, same widths, optimiser, epochs and seed:
+          runs/exercise_1_3/study.csv, study_acc.png, study_loss.png; re-running skips
+          finished cells and resumes an interrupted one (study.run_study, shared with 1.2).
+  grads   per-layer gradient norms on one training batch, at initialisation and after
+          training, for every study cell: runs/exercise_1_3/grad_norms.png.
+
+The best-on-val checkpoint of a single run, which exercise 2.3 (CAM) explains, is
+    <runs_dir>/exercise_1_3/<run_name>/checkpoints/best.pt
+with run_name '<model>-cnn-d<depth>-<dataset>-<timestamp>' unless --run_name is given
+(study cells: <runs_dir>/exercise_1_3/study-<model>-d<depth>/checkpoints/best.pt);
+evaluate.load_model(path) rebuilds it, model.features gives the final feature maps and
+model.classifier the linear head.
+
+    python exercise_1_3.py                                     # CIFAR-10, downloaded to ./data
+    python exercise_1_3.py --dataset fashion_mnist --widths [32,64,128] --epochs 12
+    python exercise_1_3.py --part study --dataset fashion_mnist --subset 10000
+    python exercise_1_3.py --help                                 # every key, default and reason
+"""
+import os
+
+from config import COMMON, UserError, cli
+from dataset import Data
+from models import CNN
+from study import (gradient_study, plot_grad_norms, plot_loss_curves, plot_study, print_grad_summary,
+                   run_study, save_figure, train_run, write_csv)
+
+EXERCISE = 'exercise_1_3'
+
+config = {
+    **COMMON,
+    'dataset': 'cifar10',           # cifar10 | fashion_mnist | mnist | digits (1-channel sets work too)
+    'augment': True,                # train split: random crop (pad H//8, zeros) + flip (cifar10, fashion_mnist)
+    # model
+    'part': 'single',               # single | study | grads | all
+    'model': 'residual',            # plain | residual: the same layers, with or without identity shortcuts
+    'widths': [128, 256, 512],      # channels per stage; each stage halves the resolution (32 -> 4 px)
+    'depth': 1,                     # 2-conv blocks per stage after its conv-pool; 0 = the reference design
+    'kernel_size': 3,               # of each stage's first conv (blocks are 3x3, as in BasicBlock)
+    'stride': 1,                    # of each stage's first conv; MaxPool does the downsampling
+    'padding': 1,                   # of each stage's first conv; 'same' for 3x3
+    'dropout': 0.0,                 # after each stage's first ReLU; augmentation regularises enough
+    # optimisation: the ResNet-9 (DAWNBench) recipe, shortened with label smoothing
+    'epochs': 20,                   # ResNet-9 (DAWNBench) reached 94% in 24; expected ~94% here (unmeasured)
+    'batch_size': 512,              # large enough to keep a GPU busy, small enough for 88 steps/epoch
+    'optimizer': 'sgd',             # Nesterov momentum (see momentum): the CIFAR ResNet standard
+    'lr': 0.2,                      # peak, for the batch mean loss at batch 512 (0.1 per 256)
+    'momentum': 0.9,                # onecycle cycles it 0.95 -> 0.85 -> 0.95 against the lr
+    'weight_decay': 5e-4,           # L2, the usual CIFAR value for SGD
+    'scheduler': 'onecycle',        # warm up 25% of steps, then anneal: the fast-schedule standard
+    'label_smoothing': 0.2,         # as airbench's CIFAR-10 runs; helps most in short schedules
+    'val_split': 0.1,               # 45k train / 5k val for picking best.pt; test is touched once
+    # depth study and gradient analysis (same optimisation keys as above)
+    'depths': [1, 2, 4, 8],         # blocks per stage of each study cell: 9, 15, 27, 51 conv layers
+    'study_widths': [64, 128, 256], # widths of every study cell: cheaper than the default run
+    'study_epochs': 10,             # epochs per study cell: the same budget for both models
+}
+
+
+def build_model(config: dict, data: Data) -> CNN:
+    """config['model'] ('plain' | 'residual') with config['depth'] blocks per stage of config['widths']."""
+    if config['model'] not in ('plain', 'residual'):
+        raise UserError(f"unknown model {config['model']!r}; choose plain or residual")
+    return CNN(data.shape[0], data.num_classes, config['widths'], depth=config['depth'], variant=config['model'],
+               kernel_size=config['kernel_size'], stride=config['stride'], padding=config['padding'],
+               dropout=config['dropout'])
+
+
+def main(config: dict, overrides: dict) -> None:
+    if config['part'] not in ('single', 'study', 'grads', 'all'):
+        raise UserError(f"unknown part {config['part']!r}; choose single, study, grads or all")
+    if config['part'] in ('single', 'all'):
+        train_run(EXERCISE, config, build_model, overrides, name=f"{config['model']}-cnn-d{config['depth']}")
+
+    # the study: every cell shares everything but model and depth
+    study = {**config, 'widths': config['study_widths'], 'epochs': config['study_epochs'], 'resume': ''}
+    out_dir = os.path.join(config['runs_dir'], EXERCISE)
+    name = (f"{config['dataset']}" + (f" (subset {config['subset']})" if config['subset'] else '')
+            + f", widths {study['widths']}, {study['epochs']} epochs")
+    if config['part'] in ('study', 'all'):
+        rows = run_study(EXERCISE, study, build_model, depths=config['depths'])
+        write_csv(rows, os.path.join(out_dir, 'study.csv'))
+        save_figure(plot_study(rows, title=f'test accuracy vs blocks per stage ({name})'),
+                    os.path.join(out_dir, 'study_acc.png'))
+        save_figure(plot_loss_curves(rows, title=f'training loss ({name})'), os.path.join(out_dir, 'study_loss.png'))
+
+    # why: gradient norms per layer on one training batch
+    if config['part'] in ('grads', 'all'):
+        records = gradient_study(EXERCISE, study, build_model, depths=config['depths'])
+        print_grad_summary(records)
+        save_figure(plot_grad_norms(records, title=f'gradient norm per layer, one batch ({name})'),
+                    os.path.join(out_dir, 'grad_norms.png'))
+
+
+if __name__ == '__main__':
+    cli(main, config)
