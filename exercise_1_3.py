@@ -96,7 +96,7 @@ def main(config: dict, overrides: dict) -> None:
     if config['part'] in ('study', 'all'):
         rows = run_study(EXERCISE, study, build_model, depths=config['depths'])
         write_csv(rows, os.path.join(out_dir, 'study.csv'))
-        save_figure(plot_study(rows, title=f'test accuracy vs blocks per stage ({name})'),
+        save_figure(plot_study(rows, title=f'test accuracy vs blocks per stage ({name})', xlabel='blocks per stage'),
                     os.path.join(out_dir, 'study_acc.png'))
         save_figure(plot_loss_curves(rows, title=f'training loss ({name})'), os.path.join(out_dir, 'study_loss.png'))
 

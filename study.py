@@ -83,7 +83,7 @@ def study_row(run_dir: str) -> dict:
         results = json.load(f)
     ckpt = load_checkpoint(os.path.join(run_dir, 'checkpoints', 'last.pt'))
     config, history = ckpt['config'], ckpt['history']
-    return {'model': config['model'], 'depth': config['depth'], 'width': config.get('width', ''),
+    return {'model': config['model'], 'depth': config['depth'], 'width': config.get('width', config.get('widths', '')),
             'params': results['num_params'], 'best_val_acc': results['best_val_acc'],
             'test_acc': results['test_acc'], 'final_train_loss': history[-1]['train/loss'],
             'train_seconds': results['train_seconds'], 'history': history}
@@ -164,7 +164,7 @@ def save_figure(fig, path: str) -> str:
     return path
 
 
-def plot_study(rows: list[dict], metric: str = 'test_acc', title: str = ''):
+def plot_study(rows: list[dict], metric: str = 'test_acc', title: str = '', xlabel: str = 'depth (hidden layers)'):
     """`metric` against depth (log2 axis), one line per model."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -173,7 +173,7 @@ def plot_study(rows: list[dict], metric: str = 'test_acc', title: str = ''):
         ax.plot([r['depth'] for r in mine], [100 * r[metric] for r in mine], marker='o', label=model)
     ax.set_xscale('log', base=2)
     ax.set_xticks(sorted({r['depth'] for r in rows}), [str(d) for d in sorted({r['depth'] for r in rows})])
-    ax.set_xlabel('depth (hidden layers)')
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f'{metric} (%)')
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -184,13 +184,14 @@ def make_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
 def make_scheduler(optimizer: torch.optim.Optimizer, config: dict, total_steps: int):
     """Stepped once per batch, so short and long runs follow the same curve."""
     name = config['scheduler']
-    if name == 'none':
+    if name == 'none' or (name == 'onecycle' and total_steps < 4):  # too short to warm up and anneal
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if name == 'cosine':
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if name == 'onecycle':
+        # warm up for a quarter of the run; at least 2 steps, or OneCycleLR divides by zero (smoke runs)
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config['lr'], total_steps=total_steps,
-                                                   pct_start=0.25)
+                                                   pct_start=min(0.5, max(0.25, 2 / total_steps)))
     raise UserError(f"unknown scheduler {name!r}; choose none, cosine or onecycle")
 
 
@@ -230,6 +231,8 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
     cuda = device.type == 'cuda'
     conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
     memory_format = torch.channels_last if cuda and conv else torch.contiguous_format
+    if cuda and conv:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     model.to(device=device, memory_format=memory_format)
 
     if not len(data.train) or not len(data.val):
@@ -295,11 +298,12 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum(),
-                                     torch.tensor(len(y), device=device)])
+                sums[0] += loss.detach().float() * len(y)  # in-place adds of Python numbers: no sync
+                sums[1] += (logits.argmax(1) == y).sum()
+                sums[2] += len(y)
                 state['batch'] += 1
                 bar.update()
-                if state['batch'] % 50 == 0:
+                if not bar.disable and state['batch'] % 50 == 0:  # .item() waits for the GPU
                     bar.set_postfix(loss=f'{sums[0].item() / sums[2].item():.4f}')
                 if stop_request.requested:
                     state['sums'] = sums.cpu()
@@ -307,8 +311,8 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
                         stop(f"stopped in epoch {epoch + 1} after batch {state['batch']}")
                     break
             bar.close()
+            loss_sum, correct, n = sums.tolist()  # waits for the GPU, so the time below is real
             train_seconds = time.perf_counter() - t0
-            loss_sum, correct, n = sums.tolist()
             if not math.isfinite(loss_sum):
                 raise UserError(f"training loss became {loss_sum} in epoch {epoch + 1}; stopped. The last good "
                                 f"checkpoint is {run.path('checkpoints', 'last.pt')}. Try a lower --lr.")

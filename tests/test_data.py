@@ -77,3 +77,11 @@ def test_missing_data_offline_is_one_clear_line(run_script, tmp_path):
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith('error: could not download') and 'train-images-idx3-ubyte.gz' in error
     assert os.path.join(str(tmp_path / 'data'), 'MNIST', 'raw') in error
+
+
+def test_channel_statistics_match_numpy():
+    from dataset import _stats
+    x = np.random.default_rng(0).integers(0, 256, (300, 3, 8, 8)).astype(np.uint8)
+    f = x.astype(np.float64) / 255
+    mean, std = _stats(x)
+    assert np.allclose(mean, f.mean(axis=(0, 2, 3)), atol=1e-12) and np.allclose(std, f.std(axis=(0, 2, 3)), atol=1e-12)

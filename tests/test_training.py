@@ -185,3 +185,27 @@ def test_empty_validation_split_is_refused(config):
     with pytest.raises(UserError, match='--val_split must be between 0 and 1'):
         train(MLP(64, [8], 10), load_data(run.config, 'cpu'), run)
     run.finish()
+
+
+@pytest.mark.parametrize('total', [4, 5, 8, 100])
+def test_onecycle_warms_up_then_anneals_even_in_smoke_runs(total):
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([p], lr=0.1)
+    scheduler = training.make_scheduler(optimizer, {'scheduler': 'onecycle', 'lr': 0.1}, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        optimizer.step()
+        scheduler.step()
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(0.1) and 0 < peak < total - 1
+    assert lrs[-1] < lrs[0] < 0.1
+
+
+def test_onecycle_too_short_to_cycle_keeps_lr_constant():
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([p], lr=0.1)
+    scheduler = training.make_scheduler(optimizer, {'scheduler': 'onecycle', 'lr': 0.1}, 2)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]['lr'] == 0.1
