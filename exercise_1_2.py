@@ -20,13 +20,11 @@ Measured results, and the data and hardware behind them, are in README.md.
     wandb sweep sweeps/exercise_1_2.yaml                     # the study's grid as a W&B sweep
     python exercise_1_2.py --help                            # every key, default and reason
 """
-import os
 
 from config import COMMON, UserError, cli
 from dataset import Data
 from models import MLP, SkipMLP
-from study import (gradient_study, plot_grad_norms, plot_loss_curves, plot_study, print_grad_summary,
-                   run_study, save_figure, train_run, write_csv)
+from study import run_parts, train_run
 
 EXERCISE = 'exercise_1_2'
 
@@ -75,23 +73,10 @@ def main(config: dict, overrides: dict) -> None:
         train_run(EXERCISE, config, build_model, overrides,
                   name=f"{config['model']}-d{config['depth']}-w{config['width']}")
 
-    # the study: every cell shares everything but model and depth
+    # the study and the gradient analysis: every cell shares everything but model and depth
     study = {**config, 'width': config['study_width'], 'epochs': config['study_epochs'], 'resume': ''}
-    out_dir = os.path.join(config['runs_dir'], EXERCISE)
-    name = f"{config['dataset']}, width {study['width']}, {study['epochs']} epochs"
-    if config['part'] in ('study', 'all'):
-        rows = run_study(EXERCISE, study, build_model, depths=config['depths'])
-        write_csv(rows, os.path.join(out_dir, 'study.csv'))
-        save_figure(plot_study(rows, title=f'test accuracy vs depth ({name})'), os.path.join(out_dir, 'study_acc.png'))
-        save_figure(plot_loss_curves(rows, title=f'training loss ({name})'), os.path.join(out_dir, 'study_loss.png'))
-
-    # why: gradient norms per layer on one training batch
-    if config['part'] in ('grads', 'all'):
-        records = gradient_study(EXERCISE, study, build_model, depths=config['depths'])
-        print_grad_summary(records)
-        save_figure(plot_grad_norms(records, title=f'gradient norm per layer, one batch ({name})'),
-                    os.path.join(out_dir, 'grad_norms.png'))
-
+    run_parts(EXERCISE, config, study, build_model,
+              title=f"{config['dataset']}, width {study['width']}, {study['epochs']} epochs")
 
 if __name__ == '__main__':
     cli(main, config)

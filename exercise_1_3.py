@@ -33,13 +33,11 @@ model.classifier the linear head.
     python exercise_1_3.py --part study --dataset fashion_mnist --subset 10000
     python exercise_1_3.py --help                                 # every key, default and reason
 """
-import os
 
 from config import COMMON, UserError, cli
 from dataset import Data
 from models import CNN
-from study import (gradient_study, plot_grad_norms, plot_loss_curves, plot_study, print_grad_summary,
-                   run_study, save_figure, train_run, write_csv)
+from study import run_parts, train_run
 
 EXERCISE = 'exercise_1_3'
 
@@ -88,25 +86,11 @@ def main(config: dict, overrides: dict) -> None:
     if config['part'] in ('single', 'all'):
         train_run(EXERCISE, config, build_model, overrides, name=f"{config['model']}-cnn-d{config['depth']}")
 
-    # the study: every cell shares everything but model and depth
+    # the study and the gradient analysis: every cell shares everything but model and depth
     study = {**config, 'widths': config['study_widths'], 'epochs': config['study_epochs'], 'resume': ''}
-    out_dir = os.path.join(config['runs_dir'], EXERCISE)
-    name = (f"{config['dataset']}" + (f" (subset {config['subset']})" if config['subset'] else '')
-            + f", widths {study['widths']}, {study['epochs']} epochs")
-    if config['part'] in ('study', 'all'):
-        rows = run_study(EXERCISE, study, build_model, depths=config['depths'])
-        write_csv(rows, os.path.join(out_dir, 'study.csv'))
-        save_figure(plot_study(rows, title=f'test accuracy vs blocks per stage ({name})', xlabel='blocks per stage'),
-                    os.path.join(out_dir, 'study_acc.png'))
-        save_figure(plot_loss_curves(rows, title=f'training loss ({name})'), os.path.join(out_dir, 'study_loss.png'))
-
-    # why: gradient norms per layer on one training batch
-    if config['part'] in ('grads', 'all'):
-        records = gradient_study(EXERCISE, study, build_model, depths=config['depths'])
-        print_grad_summary(records)
-        save_figure(plot_grad_norms(records, title=f'gradient norm per layer, one batch ({name})'),
-                    os.path.join(out_dir, 'grad_norms.png'))
-
+    subset = f" (subset {config['subset']})" if config['subset'] else ''
+    run_parts(EXERCISE, config, study, build_model, xlabel='blocks per stage',
+              title=f"{config['dataset']}{subset}, widths {study['widths']}, {study['epochs']} epochs")
 
 if __name__ == '__main__':
     cli(main, config)

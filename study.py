@@ -76,6 +76,28 @@ def run_study(exercise: str, config: dict, build_model: BuildModel,
     return rows
 
 
+def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel, title: str,
+              xlabel: str = 'depth (hidden layers)') -> None:
+    """The 'study' and 'grads' parts of exercises 1.2 and 1.3 (config['part'] picks them).
+
+    study: every cell of `study` (the exercise's config with its study width and epochs) over
+    config['depths'] -> runs/<exercise>/study.csv, study_acc.png, study_loss.png.
+    grads: per-layer gradient norms of those cells at init and trained -> grad_norms.png.
+    """
+    out_dir = os.path.join(config['runs_dir'], exercise)
+    if config['part'] in ('study', 'all'):
+        rows = run_study(exercise, study, build_model, depths=config['depths'])
+        write_csv(rows, os.path.join(out_dir, 'study.csv'))
+        save_figure(plot_study(rows, title=f'test accuracy ({title})', xlabel=xlabel),
+                    os.path.join(out_dir, 'study_acc.png'))
+        save_figure(plot_loss_curves(rows, title=f'training loss ({title})'), os.path.join(out_dir, 'study_loss.png'))
+    if config['part'] in ('grads', 'all'):  # why: gradient norms per layer on one training batch
+        records = gradient_study(exercise, study, build_model, depths=config['depths'])
+        print_grad_summary(records)
+        save_figure(plot_grad_norms(records, title=f'gradient norm per layer, one batch ({title})'),
+                    os.path.join(out_dir, 'grad_norms.png'))
+
+
 def study_row(run_dir: str) -> dict:
     """The CSV row (plus 'history') of a finished cell, read back from its files."""
     import json
