@@ -332,3 +332,48 @@ def load_data(config: dict, device: torch.device | str) -> Data:
     return Data(name=name, classes=classes, train=train,
                 val=split(x_train[val_idx], y_train[val_idx]),
                 test=split(x_test, y_test))
+
+
+# ---------------------------------------------------------------------------------------------
+# Imagenette (exercise 2.3): ten easy ImageNet classes, JPEG folders as fast.ai ships them
+
+IMAGENETTE_WNIDS = ['n01440764', 'n02102040', 'n02979186', 'n03000684', 'n03028079',
+                    'n03394916', 'n03417042', 'n03425413', 'n03445777', 'n03888257']  # sorted = class order
+
+
+def load_imagenette(data_dir: str, split: str = 'val', size: str = '160px', image_size: int = 160,
+                    limit: int = 0, download: bool = True) -> tuple[Tensor, Tensor, list[str]]:
+    """(images (N, 3, S, S) uint8, labels (N,) int64, class names) of Imagenette on the CPU.
+
+    torchvision's Imagenette reads <data_dir>/imagenette2-160/<split>/<wnid>/*.JPEG (for
+    size '160px'; imagenette2-320 and imagenette2 for the others) and, if that folder is
+    missing and `download`, fetches and unpacks the md5-checked archive; an existing folder is
+    never downloaded again. Each image is resized (shorter side) and centre-cropped to
+    image_size. `limit` > 0 keeps that many images spread evenly over the (class-sorted) files,
+    so every class stays represented. Labels index the sorted wnids (IMAGENETTE_WNIDS).
+    """
+    from torchvision import transforms
+    from torchvision.datasets import Imagenette
+    url, _ = Imagenette._ARCHIVES[size]
+    folder = os.path.join(data_dir, os.path.basename(url).removesuffix('.tgz'))
+    if not os.path.isdir(folder) and not download:
+        raise UserError(f"Imagenette not found in {folder}; download {url} and unpack it into {data_dir}")
+    if not os.path.isdir(folder):
+        print(f"imagenette: {folder} missing, downloading {url}")
+    tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                             transforms.PILToTensor()])
+    try:
+        ds = Imagenette(data_dir, split=split, size=size, download=download, transform=tf)
+    except Exception as e:  # noqa: BLE001 - offline, proxy, bad checksum, half-present folder: one line
+        raise UserError(f"could not read or download Imagenette {size} {split} ({type(e).__name__}); download "
+                        f"{url} and unpack it into {data_dir} (it unpacks to {folder}/{{train,val}}/<wnid>/*.JPEG)"
+                        ) from None
+    if ds.wnids != IMAGENETTE_WNIDS:
+        raise UserError(f"{folder}/{split} holds class folders {ds.wnids}, expected the ten Imagenette "
+                        f"wnids {IMAGENETTE_WNIDS}")
+    if not len(ds):
+        raise UserError(f"{folder}/{split} holds no .JPEG files")
+    keep = range(len(ds)) if not limit or limit >= len(ds) else np.linspace(0, len(ds) - 1, limit).round().astype(int)
+    images, labels = zip(*(ds[int(i)] for i in keep))
+    x = torch.stack([im.expand(3, -1, -1) for im in images])  # (N, 3, S, S); grey JPEGs get 3 channels
+    return x, torch.tensor(labels, dtype=torch.int64), [names[0] for names in ds.classes]

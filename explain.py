@@ -190,6 +190,7 @@ def deletion_insertion_auc(model: nn.Module, images: Tensor, maps: Tensor, class
     batch_size bounds memory: about that many perturbed images (at least B) per forward pass.
     """
     B, C, H, W = images.shape
+    maps = maps.to(images.device)  # everything below lives where the images are
     # rank[b, p] = position of pixel p in image b's saliency order (0 = most salient)
     order = maps.reshape(B, H * W).argsort(dim=1, descending=True)
     positions = torch.arange(H * W, device=order.device).expand(B, -1)

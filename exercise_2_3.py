@@ -1,0 +1,476 @@
+"""Exercise 2.3 — class activation maps: where a CNN looks, and whether it decides there.
+
+The lab asks for CAM (Zhou et al. 2016) on the CNN of exercise 1.3, to show which image
+regions drive which class, and then on a pretrained ResNet-18 with Imagenette images at 160 px.
+We show CAM, Grad-CAM and Grad-CAM++ side by side (explain.py) and measure how faithful each
+map is, against random-map baselines: a map that does not beat random is reported as such.
+
+Part 1 (cnn): the best-on-val checkpoint of exercise 1.3 (--checkpoint, or the newest
+  <runs_dir>/exercise_1_3/*/checkpoints/best.pt, preferring --dataset and finished runs; with
+  none, exercise 1.3's default is trained first, with this command's smoke overrides). Per class,
+  `per_class` correct and wrong test predictions are explained (maps of the predicted class).
+Part 2 (resnet): torchvision's ImageNet ResNet-18 on Imagenette val (<data_dir>/imagenette2-160/),
+  zero-shot: the real 1000-way head restricted to the ten Imagenette rows, no new head, no
+  training. Target layer layer4; CAM uses those ten rows of fc. If the weights or the images
+  cannot be downloaded, part 2 is skipped with a message saying what to fetch and where; part 1
+  still runs and the exit status stays 0. --weights random runs it on random-init weights
+  (smoke tests: the maps mean nothing, and figures and results say "random weights").
+Faithfulness, per method and for random maps (i.i.d. per pixel, and smooth: random at the target
+  layer's resolution, upsampled like the maps), on the predicted class:
+  deletion / insertion AUC (RISE; `faithfulness_steps` steps of H*W/steps pixels; deleted pixels
+  become 0 in normalised space = the dataset-mean colour, insertion starts from a Gaussian blur,
+  kernel 11, sigma 5) and Average Drop / Increase in Confidence (image * map in [0, 1] pixel space).
+
+Writes runs/exercise_2_3/<run>/{cnn,resnet18}_{correct,wrong,faithfulness}.png, results.json
+(faithfulness tables with `beats_random` / `beats_random_smooth` flags, zero-shot accuracy),
+TensorBoard and W&B, and, with `assets`, copies the figures to assets/ex23_*.png (part 2 only
+with ImageNet weights).
+Measured results (our CNN on Fashion-MNIST, CPU) are in README.md.
+
+    python exercise_2_3.py                                   # newest 1.3 checkpoint + ResNet-18
+    python exercise_2_3.py --checkpoint runs/exercise_1_3/<run>/checkpoints/best.pt --part cnn
+    python exercise_2_3.py --part resnet --data_dir ./data   # downloads weights and Imagenette
+    python exercise_2_3.py --help                            # every key, default and reason
+"""
+import glob
+import json
+import os
+import shutil
+
+import torch
+from torch import Tensor, nn
+
+from config import COMMON, UserError, cli
+from dataset import Split, load_data, load_imagenette
+from evaluate import load_model
+from explain import (average_drop_increase, cam, deletion_insertion_auc, grad_cam, grad_cam_pp, overlay,
+                     predict, random_maps)
+from training import Run, write_json
+
+EXERCISE = 'exercise_2_3'
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+config = {
+    **COMMON,
+    'part': 'all',                  # cnn | resnet | all
+    'dataset': 'cifar10',           # the 1.3 checkpoint to prefer, and what 1.3 trains when there is none
+    'checkpoint': '',               # a 1.3 best.pt; '' = newest under <runs_dir>/exercise_1_3/
+    'subset': 0,                    # part 1: explain and score at most this many test images (0 = all)
+    'batch_size': 64,               # images per map / faithfulness pass: bounds memory, not results
+    'per_class': [2, 1],            # test images shown per class: [correct, wrong] predictions
+    'faithfulness_images': 500,     # part 1 test images scored, evenly spread over the test split
+    'faithfulness_steps': 32,       # deletion/insertion steps of H*W/steps pixels each (curves: steps + 1 points)
+    'weights': 'imagenet',          # imagenet (torchvision download) | random (smoke runs: meaningless maps)
+    'image_size': 160,              # Imagenette: resize the shorter side, centre crop (px)
+    'imagenette_limit': 0,          # Imagenette val images evaluated, evenly spread (0 = all 3,925)
+    'resnet_faithfulness_images': 200,  # Imagenette val images scored (66 forwards each per map kind at 32 steps)
+    'assets': True,                 # also copy the figures to assets_dir/ex23_*.png for the README
+    'assets_dir': 'assets',         # relative to this script's folder unless absolute
+}
+
+METHODS = ('cam', 'grad_cam', 'grad_cam_pp')
+BASELINES = ('random', 'random_smooth')
+LABELS = {'cam': 'CAM', 'grad_cam': 'Grad-CAM', 'grad_cam_pp': 'Grad-CAM++', 'random': 'random',
+          'random_smooth': 'random smooth'}
+BETTER = {'deletion_auc': 'lower', 'insertion_auc': 'higher',  # how each metric rewards a faithful map
+          'average_drop': 'lower', 'increase_in_confidence': 'higher'}
+# Keys handed on to exercise 1.3 when it must train a checkpoint first: data, system, smoke size.
+FORWARD_TO_1_3 = ('dataset', 'data_dir', 'subset', 'epochs', 'max_steps', 'device', 'seed', 'amp', 'compile',
+                  'runs_dir', 'wandb', 'wandb_project')
+
+# Imagenette's ten wnids (sorted, = its labels) as ImageNet-1k class indices: tench, English
+# springer, cassette player, chain saw, church, French horn, garbage truck, gas pump, golf ball,
+# parachute.
+IMAGENETTE_TO_IMAGENET = [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+# ---------------------------------------------------------------------------------------------
+# Maps and faithfulness, shared by both parts
+
+def explain_all(model: nn.Module, x: Tensor, layer: nn.Module, fc: nn.Linear, batch: int) -> dict[str, Tensor]:
+    """{method: maps (B, H, W) in [0, 1]} of the predicted class for normalised images x (B, C, H, W)."""
+    fns = {'cam': lambda xb: cam(model, xb, layer, fc), 'grad_cam': lambda xb: grad_cam(model, xb, layer),
+           'grad_cam_pp': lambda xb: grad_cam_pp(model, xb, layer)}
+    return {m: torch.cat([fns[m](xb) for xb in x.split(batch)]) for m in METHODS}
+
+
+def predict_all(model: nn.Module, split: Split, batch: int) -> Tensor:
+    """Softmax probabilities (N, n) of every image of split, batched."""
+    return torch.cat([predict(model, split.normalize(xb))[0] for xb in split.x.split(batch)])
+
+
+def smooth_random_maps(shape: tuple[int, int, int], size: tuple[int, int], generator: torch.Generator) -> Tensor:
+    """Random maps with the methods' spatial statistics: uniform noise at the target layer's
+    resolution (B, h, w), upsampled bilinearly to (H, W) and min-max scaled, as the maps are."""
+    m = torch.nn.functional.interpolate(random_maps(shape, generator)[:, None], size=size, mode='bilinear',
+                                        align_corners=False)[:, 0]  # (B, H, W)
+    lo, hi = m.amin((1, 2), keepdim=True), m.amax((1, 2), keepdim=True)
+    return (m - lo) / (hi - lo + 1e-7)
+
+
+def faithfulness_table(model: nn.Module, x: Tensor, layer: nn.Module, fc: nn.Linear, mean: Tensor, std: Tensor,
+                       config: dict) -> tuple[dict, dict]:
+    """Mean deletion / insertion AUC, Average Drop and Increase in Confidence of every method and
+    of two random baselines on normalised images x, for the predicted class; plus the mean curves.
+
+    'random' is explain.random_maps, i.i.d. per pixel; 'random_smooth' is random at the target
+    layer's resolution, upsampled like the maps. Pixel noise makes deletion images full of
+    isolated grey pixels, which can hurt a CNN more than deleting any one region, so a method can
+    lose to 'random' on deletion yet beat 'random_smooth': both comparisons are reported.
+    Returns ({method: {metric: value, 'beats_random': {metric: bool}, 'beats_random_smooth': ...}},
+    {method: {kind: curve}}).
+    """
+    gen = torch.Generator().manual_seed(config['seed'])  # the random baselines' maps
+    names = (*METHODS, *BASELINES)
+    sums = {m: dict.fromkeys(BETTER, 0.0) for m in names}
+    curves = {m: {'deletion': 0.0, 'insertion': 0.0} for m in names}
+    hw = tuple(cam(model, x[:1], layer, fc, normalize=False).shape[-2:])  # the target layer's (h, w)
+    for xb in x.split(config['batch_size']):
+        maps = explain_all(model, xb, layer, fc, config['batch_size'])
+        maps['random'] = random_maps((len(xb), *xb.shape[2:]), generator=gen).to(xb.device)
+        maps['random_smooth'] = smooth_random_maps((len(xb), *hw), tuple(xb.shape[2:]), gen).to(xb.device)
+        for m in names:
+            di = deletion_insertion_auc(model, xb, maps[m], None, steps=config['faithfulness_steps'])
+            ad = average_drop_increase(model, xb, maps[m], None, mean=mean, std=std)
+            for k, v in ({'deletion_auc': di['deletion_auc'], 'insertion_auc': di['insertion_auc']} | ad).items():
+                sums[m][k] += v * len(xb)  # every metric is a mean over images: weight by batch size
+            for kind in ('deletion', 'insertion'):
+                curves[m][kind] = curves[m][kind] + di[f'{kind}_curve'].cpu() * len(xb)
+    table = {m: {k: v / len(x) for k, v in sums[m].items()} for m in names}
+    for m in METHODS:
+        for base in BASELINES:
+            # rounded: a tie (same count of images, say) must not "win" on float summation noise
+            ours, theirs = ({k: round(t[k], 6) for k in BETTER} for t in (table[m], table[base]))
+            table[m][f'beats_{base}'] = {k: ours[k] < theirs[k] if better == 'lower' else ours[k] > theirs[k]
+                                         for k, better in BETTER.items()}
+    curves = {m: {kind: (c / len(x)).tolist() for kind, c in cs.items()} for m, cs in curves.items()}
+    return table, curves
+
+
+def spread(n: int, k: int) -> Tensor:
+    """k indices spread evenly over range(n) (all of them when k <= 0 or k >= n)."""
+    if k <= 0 or k >= n:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, k).round().long()
+
+
+def pick_examples(y: Tensor, pred: Tensor, n_correct: int, n_wrong: int, num_classes: int) -> dict[str, list[int]]:
+    """The first n_correct correctly and n_wrong wrongly predicted test images of every class."""
+    out: dict[str, list[int]] = {'correct': [], 'wrong': []}
+    for c in range(num_classes):
+        out['correct'] += torch.nonzero((y == c) & (pred == c))[:n_correct, 0].tolist()
+        out['wrong'] += torch.nonzero((y == c) & (pred != c))[:n_wrong, 0].tolist()
+    return out
+
+
+def print_table(title: str, table: dict) -> None:
+    print(f"\nfaithfulness, {title}")
+    print(f"  {'method':<13} {'deletion AUC (lower)':>21} {'insertion AUC (higher)':>23} "
+          f"{'Average Drop % (lower)':>23} {'Increase % (higher)':>20}")
+    for m, row in table.items():
+        cells = [f"{row[k]:.4f}" if 'auc' in k else f"{row[k]:.2f}" for k in BETTER]
+        if m in METHODS:
+            cells = [c + ' ' + '/'.join('+' if row[f'beats_{b}'][k] else '-' for b in BASELINES)
+                     for c, k in zip(cells, BETTER)]
+        print(f"  {LABELS[m]:<13} {cells[0]:>21} {cells[1]:>23} {cells[2]:>23} {cells[3]:>20}")
+    print("  +/- : beats / does not beat 'random' (i.i.d. pixels) / 'random smooth' (feature-map resolution)")
+    for m in METHODS:
+        for b in BASELINES:
+            lost = [k for k, ok in table[m][f'beats_{b}'].items() if not ok]
+            if lost:
+                print(f"  {LABELS[m]} does NOT beat {LABELS[b]} on: {', '.join(lost)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+def plot_maps(images: Tensor, maps: dict[str, Tensor], probs: Tensor, y: Tensor, classes: list[str], title: str):
+    """One row per image: the image (true, predicted, top-3 probabilities), then map and overlay of
+    each method. images uint8 (B, C, H, W), maps {method: (B, H, W)}, probs (B, n), all on the CPU."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    b, cols = len(images), 1 + 2 * len(maps)
+    height = 2.3 * b + 0.4  # inches: room for two title lines above and three label lines below each image
+    fig, axes = plt.subplots(b, cols, figsize=(1.45 * cols, height), squeeze=False)
+    for i in range(b):
+        img = images[i]
+        rgb = img.expand(3, -1, -1)  # overlay wants 3 channels; grey images are repeated
+        ax = axes[i, 0]
+        if img.shape[0] == 1:
+            ax.imshow(img[0].numpy(), cmap='gray', vmin=0, vmax=255)
+        else:
+            ax.imshow(img.permute(1, 2, 0).numpy())  # (C, H, W) -> (H, W, C)
+        p, top = probs[i].topk(min(3, probs.shape[1]))
+        right = top[0].item() == y[i].item()
+        ax.set_title(f"true {classes[y[i]]}\npred {classes[top[0]]}", fontsize=7, color='green' if right else 'red')
+        ax.set_xlabel('\n'.join(f"{classes[c]} {v:.2f}" for v, c in zip(p.tolist(), top.tolist())), fontsize=6)
+        for j, (name, m) in enumerate(maps.items()):
+            axes[i, 1 + 2 * j].imshow(m[i].numpy(), cmap='jet', vmin=0, vmax=1)
+            axes[i, 2 + 2 * j].imshow(overlay(rgb, m[i]))
+            if i == 0:
+                axes[i, 1 + 2 * j].set_title(f"{LABELS[name]}\nmap", fontsize=8)
+                axes[i, 2 + 2 * j].set_title(f"{LABELS[name]}\noverlay", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height))  # keep the suptitle clear of the column titles
+    return fig
+
+
+def plot_faithfulness(curves: dict, table: dict, title: str):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, kind in zip(axes, ('deletion', 'insertion')):
+        for m, cs in curves.items():
+            x = torch.linspace(0, 1, len(cs[kind])).tolist()
+            ax.plot(x, cs[kind], label=f"{LABELS[m]} (AUC {table[m][f'{kind}_auc']:.3f})",
+                    linestyle={'random': '--', 'random_smooth': ':'}.get(m, '-'),
+                    color='gray' if m in BASELINES else None)
+        what = 'deleted (set to the mean colour)' if kind == 'deletion' else 'inserted into the blurred image'
+        ax.set_xlabel(f'fraction of pixels {what}', fontsize=8)
+        ax.set_ylabel('p(predicted class)')
+        better = 'lower' if kind == 'deletion' else 'higher'
+        ax.set_title(f"{kind}, most salient pixels first ({better} AUC = more faithful)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save_figures(run: Run, figures: dict, config: dict, to_assets: bool) -> list[str]:
+    """log_figure each (run dir, TensorBoard, W&B); with to_assets also copy to assets_dir/ex23_<name>.png."""
+    paths = []
+    for name, fig in figures.items():
+        path = run.log_figure(name, fig)
+        paths.append(path)
+        if to_assets:
+            folder = os.path.join(HERE, config['assets_dir'])
+            os.makedirs(folder, exist_ok=True)
+            shutil.copyfile(path, os.path.join(folder, f'ex23_{name}.png'))
+            paths.append(os.path.join(folder, f'ex23_{name}.png'))
+    return paths
+
+
+def explain_examples(run: Run, model: nn.Module, split: Split, probs: Tensor, classes: list[str], layer: nn.Module,
+                     fc: nn.Linear, prefix: str, title: str, config: dict, to_assets: bool) -> list[str]:
+    """The correct / wrong example grids of one model."""
+    picks = pick_examples(split.y, probs.argmax(1), *config['per_class'], len(classes))
+    figures = {}
+    for kind, idx in picks.items():
+        if not idx:
+            print(f"{prefix}: no {kind} predictions to show")
+            continue
+        idx = torch.tensor(idx, device=split.x.device)
+        maps = explain_all(model, split.normalize(split.x[idx]), layer, fc, config['batch_size'])
+        figures[f'{prefix}_{kind}'] = plot_maps(split.x[idx].cpu(), {m: v.cpu() for m, v in maps.items()},
+                                                probs[idx].cpu(), split.y[idx].cpu(), classes,
+                                                f"{title}: {kind} predictions, maps of the predicted class")
+    return save_figures(run, figures, config, to_assets)
+
+
+def setup(images: int, steps: int, hw: int, mean_colour: str, config: dict) -> dict:
+    """How the faithfulness numbers were measured, stored next to them."""
+    return {'images': images, 'explained_class': 'predicted', 'steps': steps, 'pixels_per_step': hw / steps,
+            'deletion_substrate': f'0 in normalised space = the {mean_colour} colour',
+            'insertion_substrate': 'Gaussian blur of the image (kernel 11, sigma 5, as RISE)',
+            'average_drop_masking': 'image * map in [0, 1] pixel space (masked pixels turn black)',
+            'random_baseline': f"i.i.d. uniform per-pixel maps (explain.random_maps), seed {config['seed']}",
+            'random_smooth_baseline': 'uniform noise at the target layer resolution, bilinearly upsampled and '
+                                      'min-max scaled like the maps, same generator',
+            'metric_directions': BETTER}
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 1: our CNN from exercise 1.3
+
+def run_dataset(run_dir: str) -> str | None:
+    try:
+        with open(os.path.join(run_dir, 'config.json')) as f:
+            return json.load(f).get('dataset')
+    except (OSError, ValueError):
+        return None
+
+
+def find_checkpoint(config: dict, overrides: dict) -> str:
+    """The newest exercise 1.3 best.pt, preferring config['dataset'], then finished runs; trains
+    exercise 1.3's default (with this command's data / system / smoke overrides) if there is none."""
+    pattern = os.path.join(config['runs_dir'], 'exercise_1_3', '*', 'checkpoints', 'best.pt')
+    found = glob.glob(pattern)
+    if not found:
+        print(f"no exercise 1.3 checkpoint matches {pattern}: training exercise 1.3's default on "
+              f"{config['dataset']} first (or pass --checkpoint PATH)")
+        import exercise_1_3
+        forwarded = {k: config[k] for k in FORWARD_TO_1_3 if k in overrides or k == 'dataset'}
+        exercise_1_3.main({**exercise_1_3.config, **forwarded}, forwarded)
+        found = glob.glob(pattern)
+        if not found:
+            raise UserError(f"exercise 1.3 wrote no checkpoint matching {pattern}")
+
+    def preference(path: str) -> tuple:
+        run_dir = os.path.dirname(os.path.dirname(path))
+        return (run_dataset(run_dir) == config['dataset'], os.path.exists(os.path.join(run_dir, 'results.json')),
+                os.path.getmtime(path))
+    best = max(found, key=preference)
+    wanted, finished, _ = preference(best)
+    print(f"checkpoint {best}" + ('' if wanted else f" (none on {config['dataset']}; newest of any dataset)")
+          + ('' if finished else ' (its run has no results.json yet: still training or stopped)'))
+    return best
+
+
+def explain_cnn(run: Run, model: nn.Module, ckpt: dict, config: dict, overrides: dict) -> dict:
+    device = run.device
+    model.to(device).eval()
+    data_config = {**ckpt['config'], 'subset': config['subset']}  # the run's data, its normalisation
+    if 'data_dir' in overrides:  # the checkpoint came from another machine
+        data_config['data_dir'] = config['data_dir']
+    data = load_data(data_config, device)
+    test, layer, fc = data.test, model.features, model.classifier
+    probs = predict_all(model, test, config['batch_size'])  # (N, n)
+    acc = (probs.argmax(1) == test.y).float().mean().item()
+    name = f"{type(model).__name__} {model.args.get('variant', '')} {data.name}"
+    print(f"part 1: {name} from {config['checkpoint']}, test acc {100 * acc:.2f}% on {len(test)} images")
+
+    paths = explain_examples(run, model, test, probs, data.classes, layer, fc, 'cnn', name, config, config['assets'])
+    idx = spread(len(test), config['faithfulness_images'])
+    table, curves = faithfulness_table(model, test.normalize(test.x[idx]), layer, fc, test.mean, test.std, config)
+    info = setup(len(idx), config['faithfulness_steps'], test.x.shape[2] * test.x.shape[3], f'{data.name} mean', config)
+    title = f"{name}, {len(idx)} test images, {config['faithfulness_steps']} steps"
+    print_table(title, table)
+    paths += save_figures(run, {'cnn_faithfulness': plot_faithfulness(curves, table, title)}, config, config['assets'])
+    run.log({'cnn/test_acc': acc, **{f'cnn/{m}/{k}': v for m, row in table.items() for k, v in row.items()
+                                     if k in BETTER}}, step=0)
+    return {'cnn': table, 'cnn_setup': {'checkpoint': config['checkpoint'], 'dataset': data.name,
+                                        'data_dir': data_config['data_dir'], 'test_acc': acc,
+                                        'test_images': len(test), **info},
+            'cnn_curves': curves, 'figures': paths}
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 2: ImageNet ResNet-18, zero-shot on Imagenette
+
+def build_resnet18(weights: str) -> nn.Module:
+    """torchvision's ResNet-18: ImageNet weights (downloaded once to $TORCH_HOME) or random init."""
+    from torchvision.models import ResNet18_Weights, resnet18
+    if weights == 'random':
+        return resnet18(weights=None)
+    w = ResNet18_Weights.IMAGENET1K_V1
+    try:
+        return resnet18(weights=w)
+    except Exception as e:  # noqa: BLE001 - offline, proxy, hash mismatch: one clear line
+        folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+        raise UserError(f"could not download the ResNet-18 ImageNet weights {w.url} into {folder} "
+                        f"({type(e).__name__}); put {os.path.basename(w.url)} there by hand") from None
+
+
+def restrict_head(model: nn.Module, rows: list[int]) -> nn.Module:
+    """Replace model.fc by the same Linear keeping only `rows`: new model(x) == old model(x)[:, rows]."""
+    fc = model.fc
+    head = nn.Linear(fc.in_features, len(rows)).to(fc.weight)
+    with torch.no_grad():
+        head.weight.copy_(fc.weight[rows])
+        head.bias.copy_(fc.bias[rows])
+    model.fc = head
+    return model
+
+
+def explain_resnet(run: Run, config: dict) -> dict:
+    if config['weights'] not in ('imagenet', 'random'):
+        raise UserError(f"unknown weights {config['weights']!r}; choose imagenet or random")
+    problems, model = [], None
+    try:
+        model = build_resnet18(config['weights'])
+    except UserError as e:
+        problems.append(str(e))
+    try:
+        x, y, classes = load_imagenette(config['data_dir'], 'val', '160px', config['image_size'],
+                                        config['imagenette_limit'])
+    except UserError as e:
+        problems.append(str(e))
+    if problems:
+        message = 'part 2 (ResNet-18 on Imagenette) skipped: ' + ' | '.join(problems)
+        print(message)
+        return {'resnet18': None, 'resnet18_zero_shot_acc': None, 'resnet18_skipped': message}
+
+    device, random = run.device, config['weights'] == 'random'
+    label = 'ResNet-18, random weights (meaningless maps)' if random else 'ResNet-18, ImageNet weights'
+    model = restrict_head(model, IMAGENETTE_TO_IMAGENET).to(device).eval()
+    c = len(IMAGENET_MEAN)
+    val = Split(x=x.to(device), y=y.to(device), mean=torch.tensor(IMAGENET_MEAN, device=device).view(1, c, 1, 1),
+                std=torch.tensor(IMAGENET_STD, device=device).view(1, c, 1, 1))
+    probs = predict_all(model, val, config['batch_size'])  # (N, 10): softmax over the ten restricted logits
+    right = (probs.argmax(1) == val.y).float()
+    acc = right.mean().item()
+    per_class = [right[val.y == k].mean().item() if (val.y == k).any() else None for k in range(len(classes))]
+    print(f"part 2: {label}, zero-shot top-1 on Imagenette val ({len(val)} images, {config['image_size']} px, "
+          f"ImageNet head rows {IMAGENETTE_TO_IMAGENET}): {100 * acc:.2f}%")
+
+    layer, fc = model.layer4, model.fc
+    to_assets = config['assets'] and not random  # random-weight maps never become README figures
+    paths = explain_examples(run, model, val, probs, classes, layer, fc, 'resnet18', f'{label}, Imagenette val',
+                             config, to_assets)
+    idx = spread(len(val), config['resnet_faithfulness_images']).to(device)
+    table, curves = faithfulness_table(model, val.normalize(val.x[idx]), layer, fc, val.mean, val.std, config)
+    info = setup(len(idx), config['faithfulness_steps'], config['image_size'] ** 2, 'ImageNet mean', config)
+    title = f"{label}, {len(idx)} Imagenette val images, {config['faithfulness_steps']} steps"
+    print_table(title, table)
+    paths += save_figures(run, {'resnet18_faithfulness': plot_faithfulness(curves, table, title)}, config, to_assets)
+    run.log({'resnet18/zero_shot_acc': acc, **{f'resnet18/{m}/{k}': v for m, row in table.items()
+                                                        for k, v in row.items() if k in BETTER}}, step=0)
+    return {'resnet18': table, 'resnet18_weights': config['weights'], 'resnet18_zero_shot_acc': acc,
+            'resnet18_per_class_acc': dict(zip(classes, per_class)),
+            'resnet18_setup': {'weights': 'random weights' if random else 'ImageNet (IMAGENET1K_V1)',
+                               'head': f'ImageNet fc rows {IMAGENETTE_TO_IMAGENET}, softmax over these ten',
+                               'val_images': len(val), 'image_size': config['image_size'], **info},
+            'resnet18_curves': curves, 'figures': paths}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(config: dict, overrides: dict) -> dict:
+    if config['part'] not in ('cnn', 'resnet', 'all'):
+        raise UserError(f"unknown part {config['part']!r}; choose cnn, resnet or all")
+    if config['resume']:
+        raise UserError("exercise 2.3 trains nothing, so --resume does not apply")
+    if len(config['per_class']) != 2 or min(config['per_class']) < 0:
+        raise UserError(f"--per_class takes [correct, wrong] counts, got {config['per_class']}")
+    cnn = config['part'] in ('cnn', 'all')
+    resnet = config['part'] in ('resnet', 'all')
+
+    if cnn:  # before the Run, so the run is named after the checkpoint's dataset
+        path = config['checkpoint'] or find_checkpoint(config, overrides)
+        model, ckpt = load_model(path)
+        if 'dataset' in overrides and overrides['dataset'] != ckpt['config']['dataset']:
+            print(f"--dataset {overrides['dataset']} ignored: {path} was trained on {ckpt['config']['dataset']}")
+        config = {**config, 'checkpoint': path, 'dataset': ckpt['config']['dataset']}
+    else:
+        config = {**config, 'dataset': 'imagenette'}
+    run = Run(EXERCISE, config, overrides, name='cam')
+
+    results: dict = {'part': config['part']}
+    if cnn:
+        results.update(explain_cnn(run, model, ckpt, config, overrides))
+    if resnet:
+        out = explain_resnet(run, config)
+        results['figures'] = results.get('figures', []) + out.pop('figures', [])
+        results.update(out)
+
+    done = ['part 1 (our CNN) done'] if cnn else []
+    if resnet:
+        done.append('part 2 skipped (see resnet18_skipped)' if results['resnet18'] is None else
+                    f"part 2 done ({'random weights' if config['weights'] == 'random' else 'ImageNet weights'}, "
+                    f"zero-shot acc {100 * results['resnet18_zero_shot_acc']:.2f}%)")
+    results['summary'] = '; '.join(done)
+    write_json(run.path('results.json'), results)
+    print(f"\n{results['summary']} -> {run.path('results.json')}")
+    run.finish({k: v for k, v in results.items() if k in ('summary', 'resnet18_zero_shot_acc')})
+    return results
+
+
+if __name__ == '__main__':
+    cli(main, config)
