@@ -18,13 +18,13 @@ from training import Run, train
 config = {
     **COMMON,
     'dataset': 'mnist',             # mnist | fashion_mnist | digits
-    'epochs': 20,                   # enough for the cosine schedule to settle (val acc plateaus ~15)
-    'batch_size': 128,              # small batches generalise well for an MLP and are cheap here
+    'epochs': 20,                   # val acc flattened after ~15 on Fashion-MNIST (README)
+    'batch_size': 128,              # 422 steps/epoch on MNIST: many updates for a small model
     'optimizer': 'adamw',           # Adam with decoupled weight decay
     'lr': 1e-3,                     # the usual Adam peak; cosine-annealed to 0 per step
     'weight_decay': 0.05,           # decoupled, so it regularises without fighting Adam's scaling
     'scheduler': 'cosine',          # per step, no warm-up needed for a 2-layer MLP
-    'label_smoothing': 0.1,         # keeps logits from growing without bound; +0.1-0.2% test acc
+    'label_smoothing': 0.1,         # keeps logits from growing without bound in a long run
     'hidden': [1024, 1024],         # hidden layer widths; depth = len(hidden)
     'dropout': 0.2,                 # after every hidden ReLU
 }
