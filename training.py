@@ -250,6 +250,11 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
 
     if run.checkpoint is not None:
         ck = run.checkpoint
+        planned = ck['scheduler'].get('total_steps', ck['scheduler'].get('T_max'))  # onecycle / cosine
+        if planned is not None and planned != config['epochs'] * steps_per_epoch:
+            raise UserError(f"{config['resume']} was scheduled for {planned} steps, this run would take "
+                            f"{config['epochs'] * steps_per_epoch}: resume with its epochs, batch_size and "
+                            f"max_steps, or start a new run")
         model.load_state_dict(ck['model'])
         optimizer.load_state_dict(ck['optimizer'])
         scheduler.load_state_dict(ck['scheduler'])

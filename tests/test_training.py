@@ -209,3 +209,36 @@ def test_onecycle_too_short_to_cycle_keeps_lr_constant():
     optimizer.step()
     scheduler.step()
     assert optimizer.param_groups[0]['lr'] == 0.1
+
+
+def test_ctrl_c_saves_prints_resume_command_and_resume_auto_finishes(tmp_path):
+    """End to end, as a user does it: Ctrl-C a running script, then resume it from the CLI."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    args = [sys.executable, 'exercise_1_1.py', '--dataset', 'digits', '--hidden', '[16]', '--epochs', '40',
+            '--wandb', 'off', '--runs_dir', str(tmp_path), '--run_name', 'ctrl-c']
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training really runs
+        if line.startswith('epoch   2/40 '):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert 'SIGINT: stopping after this step' in out and 'Traceback' not in err
+    assert '--resume ' + os.path.join(str(tmp_path), 'exercise_1_1', 'ctrl-c', 'checkpoints', 'last.pt') in out
+    stopped_at = load_checkpoint(os.path.join(str(tmp_path), 'exercise_1_1', 'ctrl-c', 'checkpoints', 'last.pt'))
+    assert 2 <= stopped_at['epoch'] < 40
+
+    result = subprocess.run(args + ['--resume', 'auto'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    results = json.load(open(os.path.join(str(tmp_path), 'exercise_1_1', 'ctrl-c', 'results.json')))
+    assert results['epochs_run'] == 40
+
+
+def test_resume_refuses_a_different_schedule_length(config):
+    _, run, _ = fit({**config, 'epochs': 2})
+    run.finish()
+    last = run.path('checkpoints', 'last.pt')
+    with pytest.raises(UserError, match='was scheduled for 42 steps, this run would take 63'):
+        fit({**config, 'epochs': 3, 'resume': last}, {'epochs': 3})
