@@ -275,6 +275,14 @@ FLIP_INVARIANT = {'fashion_mnist', 'cifar10'}  # a mirrored digit is not a digit
 # ---------------------------------------------------------------------------------------------
 # Assembling the splits
 
+def spread(n: int, k: int) -> Tensor:
+    """k indices spread evenly over range(n), all of them when k <= 0 or k >= n: a subset that
+    keeps every class of a class-sorted dataset."""
+    if k <= 0 or k >= n:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, k).round().long()
+
+
 def _stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] units, from training images (N, C, H, W) uint8.
     Exact, from a histogram of the 256 byte values: no float copy of the dataset."""
@@ -373,7 +381,6 @@ def load_imagenette(data_dir: str, split: str = 'val', size: str = '160px', imag
                         f"wnids {IMAGENETTE_WNIDS}")
     if not len(ds):
         raise UserError(f"{folder}/{split} holds no .JPEG files")
-    keep = range(len(ds)) if not limit or limit >= len(ds) else np.linspace(0, len(ds) - 1, limit).round().astype(int)
-    images, labels = zip(*(ds[int(i)] for i in keep))
+    images, labels = zip(*(ds[i] for i in spread(len(ds), limit).tolist()))
     x = torch.stack([im.expand(3, -1, -1) for im in images])  # (N, 3, S, S); grey JPEGs get 3 channels
     return x, torch.tensor(labels, dtype=torch.int64), [names[0] for names in ds.classes]

@@ -82,12 +82,25 @@ def load_model(path: str) -> tuple[nn.Module, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures
+# Figures (every figure of the repo is drawn with pyplot() and written with save_figure())
 
-def plot_curves(history: list[dict]):
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (runs need no display); imported lazily."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: str) -> str:
+    """Write fig as a PNG and free it. Returns path."""
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    pyplot().close(fig)
+    return path
+
+
+def plot_curves(history: list[dict]):
+    plt = pyplot()
     epochs = [h['epoch'] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, metric in zip(axes, ('loss', 'acc')):
@@ -104,9 +117,7 @@ def plot_curves(history: list[dict]):
 
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], title: str = ''):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     confusion = confusion.numpy()
     rates = confusion / confusion.sum(1, keepdims=True).clip(min=1)
     k = len(classes)

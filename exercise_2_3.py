@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from config import COMMON, UserError, cli
-from dataset import Split, load_data, load_imagenette
-from evaluate import load_model
+from dataset import Split, load_data, load_imagenette, spread
+from evaluate import load_model, pyplot
 from explain import (average_drop_increase, cam, deletion_insertion_auc, grad_cam, grad_cam_pp, overlay,
                      predict, random_maps)
 from training import Run, write_json
@@ -148,13 +148,6 @@ def faithfulness_table(model: nn.Module, x: Tensor, layer: nn.Module, fc: nn.Lin
     return table, curves
 
 
-def spread(n: int, k: int) -> Tensor:
-    """k indices spread evenly over range(n) (all of them when k <= 0 or k >= n)."""
-    if k <= 0 or k >= n:
-        return torch.arange(n)
-    return torch.linspace(0, n - 1, k).round().long()
-
-
 def pick_examples(y: Tensor, pred: Tensor, n_correct: int, n_wrong: int, num_classes: int) -> dict[str, list[int]]:
     """The first n_correct correctly and n_wrong wrongly predicted test images of every class."""
     out: dict[str, list[int]] = {'correct': [], 'wrong': []}
@@ -188,9 +181,7 @@ def print_table(title: str, table: dict) -> None:
 def plot_maps(images: Tensor, maps: dict[str, Tensor], probs: Tensor, y: Tensor, classes: list[str], title: str):
     """One row per image: the image (true, predicted, top-3 probabilities), then map and overlay of
     each method. images uint8 (B, C, H, W), maps {method: (B, H, W)}, probs (B, n), all on the CPU."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     b, cols = len(images), 1 + 2 * len(maps)
     height = 2.3 * b + 0.4  # inches: room for two title lines above and three label lines below each image
     fig, axes = plt.subplots(b, cols, figsize=(1.45 * cols, height), squeeze=False)
@@ -221,9 +212,7 @@ def plot_maps(images: Tensor, maps: dict[str, Tensor], probs: Tensor, y: Tensor,
 
 
 def plot_faithfulness(curves: dict, table: dict, title: str):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, kind in zip(axes, ('deletion', 'insertion')):
         for m, cs in curves.items():

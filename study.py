@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dataset import Data, load_data
-from evaluate import load_checkpoint, load_model, report
+from evaluate import load_checkpoint, load_model, pyplot, report, save_figure
 from training import Run, pick_device, train
 
 BuildModel = Callable[[dict, Data], nn.Module]  # (config with 'model' and 'depth', data) -> model
@@ -91,11 +91,13 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
         save_figure(plot_study(rows, title=f'test accuracy ({title})', xlabel=xlabel),
                     os.path.join(out_dir, 'study_acc.png'))
         save_figure(plot_loss_curves(rows, title=f'training loss ({title})'), os.path.join(out_dir, 'study_loss.png'))
+        print(f"wrote {out_dir}/study_acc.png and study_loss.png")
     if config['part'] in ('grads', 'all'):  # why: gradient norms per layer on one training batch
         records = gradient_study(exercise, study, build_model, depths=config['depths'])
         print_grad_summary(records)
         save_figure(plot_grad_norms(records, title=f'gradient norm per layer, one batch ({title})'),
                     os.path.join(out_dir, 'grad_norms.png'))
+        print(f"wrote {out_dir}/grad_norms.png")
 
 
 def study_row(run_dir: str) -> dict:
@@ -171,24 +173,9 @@ def print_grad_summary(records: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Figures
 
-def _plt():
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path: str) -> str:
-    """For study-level figures, which belong to no single run (those go through Run.log_figure)."""
-    fig.savefig(path, dpi=120, bbox_inches='tight')
-    _plt().close(fig)
-    print(f"wrote {path}")
-    return path
-
-
 def plot_study(rows: list[dict], metric: str = 'test_acc', title: str = '', xlabel: str = 'depth (hidden layers)'):
     """`metric` against depth (log2 axis), one line per model."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for model in dict.fromkeys(r['model'] for r in rows):
         mine = sorted((r for r in rows if r['model'] == model), key=lambda r: r['depth'])
@@ -206,7 +193,7 @@ def plot_study(rows: list[dict], metric: str = 'test_acc', title: str = '', xlab
 
 def plot_loss_curves(rows: list[dict], title: str = ''):
     """Training loss per epoch, one panel per depth, one line per model."""
-    plt = _plt()
+    plt = pyplot()
     depths = sorted({r['depth'] for r in rows})
     fig, axes = plt.subplots(1, len(depths), figsize=(2.6 * len(depths), 3), sharey=True, squeeze=False)
     for ax, depth in zip(axes[0], depths):
@@ -228,7 +215,7 @@ def plot_loss_curves(rows: list[dict], title: str = ''):
 def plot_grad_norms(records: list[dict], title: str = ''):
     """Gradient norm by layer index (log scale): rows = stage (init, trained), columns = model,
     one line per depth."""
-    plt = _plt()
+    plt = pyplot()
     stages = list(dict.fromkeys(r['stage'] for r in records))
     models = list(dict.fromkeys(r['model'] for r in records))
     depths = sorted({r['depth'] for r in records})

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from config import UserError
 from dataset import Data
-from evaluate import evaluate, load_checkpoint
+from evaluate import evaluate, load_checkpoint, save_figure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,14 +140,12 @@ class Run:
 
     def log_figure(self, name: str, fig, step: int | None = None) -> str:
         """Save as <run>/<name>.png, and send to TensorBoard and W&B. Returns the PNG path."""
-        import matplotlib.pyplot as plt
         path = self.path(f'{name}.png')
-        fig.savefig(path, dpi=120, bbox_inches='tight')
-        self.tb.add_figure(name, fig, step)
+        self.tb.add_figure(name, fig, step, close=False)
+        save_figure(fig, path)
         if self.wandb is not None:
             import wandb
             self.wandb.log({name: wandb.Image(path)})
-        plt.close(fig)
         return path
 
     def finish(self, summary: dict | None = None) -> None:
