@@ -49,16 +49,36 @@ COMMON: dict[str, Any] = {
     # system
     'device': 'auto',                               # auto = cuda, then mps, then cpu
     'seed': 0,                                      # model init, shuffling, dropout
-    'amp': True,                                    # bf16 autocast on CUDA; ignored elsewhere
+    'amp': 'auto',                                  # bf16 autocast: auto (on CUDA only) | on (CUDA or CPU) | off
+    'channels_last': 'auto',                        # NHWC for conv nets: auto (on CUDA only) | on | off
     'compile': False,                               # torch.compile the model (worth it on CUDA)
+    'sync_bn': False,                               # under torchrun on CUDA: BatchNorm statistics over all GPUs
     'max_steps': 0,                                 # cap on optimizer steps per epoch (0 = none); smoke runs
     # runs and logging
     'runs_dir': './runs',                           # a run writes runs/<exercise>/<run_name>/
     'run_name': '',                                 # '' = <model>-<dataset>-<timestamp>
-    'resume': '',                                   # '' | path to a checkpoint | auto (this run's last.pt)
+    'resume': '',                                   # '' | path to a checkpoint | auto (newest unfinished run of this name)
+    'overwrite': False,                             # let a fresh run replace an existing run_name's directory
     'wandb': wandb_default(),                       # online | offline | off (online when logged in)
     'wandb_project': 'dla-labs',                    # W&B project; runs are grouped by exercise
+    'wandb_verbose': False,                         # show W&B's own console output (else one line of ours)
 }
+
+# Allowed values of the COMMON keys that take a word; a script adds its own (dataset, part...).
+CHOICES: dict[str, tuple] = {
+    'optimizer': ('adam', 'adamw', 'sgd'),
+    'scheduler': ('none', 'cosine', 'onecycle'),
+    'amp': ('auto', 'on', 'off'),
+    'channels_last': ('auto', 'on', 'off'),
+    'wandb': ('online', 'offline', 'off'),
+}
+
+# Keys a resumed run may take from the command line although its checkpoint says otherwise: where
+# and how it runs and logs, not what it computes. `epochs` may grow only where the schedule allows
+# (training.train checks). Any other change is refused: the checkpoint's optimizer, scheduler and
+# model state were built from the old values, and config.json must describe what ran.
+MAY_CHANGE_ON_RESUME = {'resume', 'epochs', 'device', 'amp', 'channels_last', 'compile', 'data_dir', 'runs_dir',
+                        'run_name', 'overwrite', 'wandb', 'wandb_project', 'wandb_verbose'}
 
 _COMMENT = re.compile(r"""^\s*['"](\w+)['"]\s*:.*#\s*(.*)$""")
 
@@ -79,6 +99,8 @@ def _comments(*sources: str) -> dict[str, str]:
 
 
 def _parse_value(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, str):
+        return text  # a string key takes the text as given: `--run_name 2024` is the name '2024'
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -90,8 +112,33 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
     if isinstance(default, list) and isinstance(value, tuple):
         value = list(value)
     if type(value) is not type(default):
-        raise UserError(f"--{key} expects a {type(default).__name__} like {default!r}, got {text!r}")
+        kind = type(default).__name__
+        raise UserError(f"--{key} expects {'an' if kind[0] in 'aeiou' else 'a'} {kind} like {default!r}, got {text!r}")
     return value
+
+
+# (key, test, what the value must be): checked on the merged config before anything runs
+LIMITS = [
+    ('val_split', lambda v: 0 < v < 1, 'between 0 and 1, exclusive'),
+    ('subset', lambda v: v >= 0, '>= 0 (0 = all)'),
+    ('epochs', lambda v: v >= 1, '>= 1'),
+    ('batch_size', lambda v: v >= 1, '>= 1'),
+    ('lr', lambda v: v > 0, '> 0'),
+    ('momentum', lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('weight_decay', lambda v: v >= 0, '>= 0'),
+    ('label_smoothing', lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('max_steps', lambda v: v >= 0, '>= 0 (0 = no cap)'),
+]
+
+
+def check(config: dict[str, Any], choices: dict[str, tuple] | None = None) -> None:
+    """Values out of range or outside their choices -> UserError naming the key."""
+    for key, ok, what in LIMITS:
+        if key in config and not ok(config[key]):
+            raise UserError(f"--{key} must be {what}, got {config[key]!r}")
+    for key, allowed in {**CHOICES, **(choices or {})}.items():
+        if key in config and config[key] not in allowed:
+            raise UserError(f"--{key} {config[key]!r} is not one of {', '.join(map(str, allowed))}")
 
 
 def parse_args(config: dict[str, Any], argv: list[str]) -> dict[str, Any]:
@@ -123,8 +170,9 @@ def help_text(config: dict[str, Any], script: str) -> str:
 
 
 def cli(main: Callable[[dict[str, Any], dict[str, Any]], Any], config: dict[str, Any],
-        argv: list[str] | None = None) -> None:
-    """Parse argv against config and call main(config, overrides).
+        argv: list[str] | None = None, choices: dict[str, tuple] | None = None) -> None:
+    """Parse argv against config, check() the result, and call main(config, overrides).
+    `choices` adds the script's own allowed values (e.g. the datasets it supports).
 
     Exit codes: 2 for a bad command line, 1 for other user errors (missing data, corrupt
     checkpoint), 130 after an interrupted run that saved a checkpoint.
@@ -136,6 +184,7 @@ def cli(main: Callable[[dict[str, Any], dict[str, Any]], Any], config: dict[str,
         sys.exit(0)
     try:
         overrides = parse_args(config, argv)
+        check({**config, **overrides}, choices)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

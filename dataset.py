@@ -16,10 +16,11 @@ with zero padding, and a horizontal flip where mirrored images keep their label)
 from __future__ import annotations
 
 import gzip
+import zlib
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ class Split:
     y: Tensor                      # (N,) int64
     mean: Tensor                   # (1, C, 1, 1) float, in [0, 1] pixel units
     std: Tensor                    # (1, C, 1, 1)
-    augment: Callable[[Tensor], Tensor] | None = None  # uint8 batch -> uint8 batch (train only)
+    augment: Augment | None = None  # uint8 batch -> uint8 batch (train only)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -48,15 +49,16 @@ class Split:
     def normalize(self, x: Tensor) -> Tensor:
         return (x.float() / 255 - self.mean) / self.std
 
-    def batches(self, batch_size: int, order: Tensor | None = None,
-                start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """(x, y) batches in `order` (default: as stored), from batch index `start` on."""
-        n = len(self)
+    def batches(self, batch_size: int, order: Tensor | None = None, start: int = 0,
+                generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x, y) batches in `order` (default: as stored), from batch index `start` on; augmented
+        (train split) with draws from `generator`."""
+        n = len(self) if order is None else len(order)
         for i in range(start * batch_size, n, batch_size):
             idx = order[i:i + batch_size] if order is not None else slice(i, i + batch_size)
             x = self.x[idx]
             if self.augment is not None:
-                x = self.augment(x)
+                x = self.augment(x, generator)
             yield self.normalize(x), self.y[idx]
 
 
@@ -90,15 +92,20 @@ IDX_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
 def read_idx(path: str) -> np.ndarray:
     """An IDX file (gzipped or not) as a numpy array; the format of MNIST and Fashion-MNIST."""
     opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
-        raw = f.read()
+    try:
+        with opener(path, 'rb') as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:  # a download cut short leaves a truncated .gz
+        raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}), as an interrupted download "
+                        f"leaves it; delete it and run again to download it") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise UserError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise UserError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {data.size}")
+        raise UserError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {data.size}; "
+                        f"delete it and run again to download it")
     return data.reshape(dims)
 
 
@@ -164,13 +171,29 @@ CIFAR_BATCHES = {'train': [f'data_batch_{i}' for i in range(1, 6)], 'test': ['te
 CIFAR_META = 'batches.meta'
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the real CIFAR files hold: dicts, lists, strings, numbers and numpy
+    arrays. Any other global (os.system, builtins.eval, ...) is refused before it can run."""
+    ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+               ('numpy', 'ndarray'), ('numpy', 'dtype'),
+               ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+               ('_codecs', 'encode')}  # bytes in a protocol-2 pickle written by Python 3: harmless
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR file")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: str) -> dict:
-    """A CIFAR pickle, written by Python 2: keys come back as str whichever way it was written."""
+    """A CIFAR pickle, written by Python 2: keys come back as str whichever way it was written.
+    Loaded with _CifarUnpickler, so a tampered file cannot run code."""
     with open(path, 'rb') as f:
         try:
-            d = pickle.load(f, encoding='bytes')  # py2 str -> bytes, as the CIFAR page loads it
-        except Exception as e:  # noqa: BLE001 - truncated or not a pickle at all
-            raise UserError(f"{path} is not a readable CIFAR pickle ({type(e).__name__})") from None
+            d = _CifarUnpickler(f, encoding='bytes').load()  # py2 str -> bytes, as the CIFAR page loads it
+        except Exception as e:  # noqa: BLE001 - truncated, not a pickle, or a forbidden global
+            raise UserError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e}); "
+                            f"delete it to download it again") from None
     if not isinstance(d, dict):
         raise UserError(f"{path} is not a CIFAR batch (a pickled dict)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
@@ -207,66 +230,37 @@ def load_cifar10(data_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
     return out, [c.decode() if isinstance(c, bytes) else c for c in names]
 
 
-class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch table can be extended
-    """Writes bytes as Python 2 `str` opcodes, as the CIFAR files were written: they load as str
-    with encoding='latin1' (torchvision) and as bytes with encoding='bytes' (the CIFAR page)."""
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_py2_str(self, obj: bytes) -> None:
-        n = len(obj)
-        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + n.to_bytes(4, 'little'))
-                   + obj)
-        self.memoize(obj)
-    dispatch[bytes] = save_py2_str
-
-
-def write_cifar10(data_dir: str, arrays: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> str:
-    """The inverse of load_cifar10, in the real on-disk format (protocol 2, bytes keys b'data',
-    b'labels', b'label_names'); for synthetic data in tests and the benchmark. Returns the folder."""
-    folder = os.path.join(data_dir, 'cifar-10-batches-py')
-    os.makedirs(folder, exist_ok=True)
-
-    def dump(name: str, obj: dict) -> None:
-        with open(os.path.join(folder, name), 'wb') as f:
-            _Py2Pickler(f, protocol=2).dump(obj)
-
-    for split, files in CIFAR_BATCHES.items():
-        x, y = arrays[split]
-        for i, (xb, yb) in enumerate(zip(np.array_split(x, len(files)), np.array_split(y, len(files)))):
-            dump(files[i], {b'batch_label': f'{files[i]} (synthetic)'.encode(), b'labels': [int(v) for v in yb],
-                            b'data': np.ascontiguousarray(xb, dtype=np.uint8).reshape(len(xb), -1),
-                            b'filenames': [f'{j}.png'.encode() for j in range(len(xb))]})
-    dump(CIFAR_META, {b'label_names': [c.encode() for c in classes],
-                      b'num_cases_per_batch': len(arrays['train'][1]) // 5, b'num_vis': 3 * 32 * 32})
-    return folder
-
-
 # ---------------------------------------------------------------------------------------------
-# Augmentation: whole uint8 batches on their device, drawing from that device's global RNG
+# Augmentation: whole uint8 batches on their device, drawing from a generator on that device
+# (training.train keeps one, seeded and checkpointed; every DDP rank draws the same numbers)
 
-def random_crop(x: Tensor, pad: int) -> Tensor:
+def random_crop(x: Tensor, pad: int, generator: torch.Generator | None = None) -> Tensor:
     """Each image shifted by its own (dy, dx) in [-pad, pad], zeros shifted in: the same as
     torchvision's RandomCrop(size, padding=pad). (B, C, H, W) -> (B, C, H, W), any dtype."""
     b, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p), zeros
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), device=x.device)  # top-left corner of each crop
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), device=x.device, generator=generator)  # crop corners
     rows = dy + torch.arange(h, device=x.device)  # (B, H)
     cols = dx + torch.arange(w, device=x.device)  # (B, W)
     i = torch.arange(b, device=x.device)[:, None, None]
     return padded[i, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
 
-def random_flip(x: Tensor) -> Tensor:
+def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Each image mirrored left-right with probability 1/2. (B, C, H, W) -> (B, C, H, W)."""
-    flip = torch.rand(len(x), device=x.device) < 0.5
+    flip = torch.rand(len(x), device=x.device, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def make_augment(pad: int, flip: bool) -> Callable[[Tensor], Tensor]:
-    def augment(x: Tensor) -> Tensor:  # uint8 (B, C, H, W) -> uint8 (B, C, H, W)
-        x = random_crop(x, pad) if pad else x
-        return random_flip(x) if flip else x
-    return augment
+@dataclass
+class Augment:
+    """Random crop with zero padding `pad`, then (if `flip`) a random horizontal flip."""
+    pad: int
+    flip: bool
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:  # uint8 (B, C, H, W)
+        x = random_crop(x, self.pad, generator) if self.pad else x
+        return random_flip(x, generator) if self.flip else x
 
 
 FLIP_INVARIANT = {'fashion_mnist', 'cifar10'}  # a mirrored digit is not a digit; a mirrored shoe is a shoe
@@ -336,7 +330,7 @@ def load_data(config: dict, device: torch.device | str) -> Data:
 
     train = split(x_train[train_idx], y_train[train_idx])
     if config.get('augment', False):
-        train.augment = make_augment(pad=x_train.shape[2] // 8, flip=name in FLIP_INVARIANT)
+        train.augment = Augment(pad=x_train.shape[2] // 8, flip=name in FLIP_INVARIANT)
     return Data(name=name, classes=classes, train=train,
                 val=split(x_train[val_idx], y_train[val_idx]),
                 test=split(x_test, y_test))

@@ -1,9 +1,9 @@
-"""Evaluation, checkpoint loading and figures.
+"""Evaluation, model loading and figures.
 
 `evaluate(model, split)` -> loss, accuracy, per-class accuracy, confusion matrix.
 `load_model(path)` rebuilds a model from a checkpoint alone (weights_only=True).
 `report(run, model, data, history)` runs the one test evaluation of a run, with its best-on-val
-checkpoint, and writes results.json and the figures.
+checkpoint, and writes results.json and the figures (through record.py, like every file).
 
 As a script: `python evaluate.py runs/exercise_1_1/<run>/checkpoints/best.pt` re-evaluates a
 checkpoint on its test split.
@@ -20,34 +20,38 @@ from torch import nn
 
 import models
 from config import UserError
+from record import Run, all_reduce_sum, is_main, load_checkpoint, memory_format, rank_world, use_amp, write_json
 
 if TYPE_CHECKING:
     from dataset import Data, Split
-    from training import Run
-
-CHECKPOINT_KEYS = {'model', 'model_class', 'model_args', 'config'}
 
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 1024, amp: bool = True,
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1024, amp: bool = False,
              memory_format: torch.memory_format = torch.contiguous_format) -> dict:
-    """Mean cross-entropy, accuracy, per-class accuracy and confusion matrix (rows: true class)."""
+    """Mean cross-entropy, accuracy, per-class accuracy and confusion matrix (rows: true class).
+    amp: bf16 autocast on the split's device. Under torchrun each process evaluates every
+    world-th sample and the sums are combined, so every process returns the whole split's numbers."""
     was_training = model.training
     model.eval()
     device = split.y.device
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' and amp else nullcontext()
-    loss_sum, confusion = torch.zeros((), device=device), 0
-    for x, y in split.batches(batch_size):
+    rank, world = rank_world()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    num_classes = getattr(model, 'args', {}).get('num_classes') or int(model(split.normalize(split.x[:1])).shape[1])
+    loss_sum = torch.zeros((), device=device)
+    confusion = torch.zeros(num_classes ** 2, dtype=torch.long, device=device)
+    order = torch.arange(rank, len(split), world, device=device) if world > 1 else None
+    for x, y in split.batches(batch_size, order):
         with autocast:
             logits = model(x.contiguous(memory_format=memory_format))
-        num_classes = logits.shape[1]
         loss_sum += F.cross_entropy(logits.float(), y, reduction='sum')
-        confusion = confusion + torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes ** 2)
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes ** 2)
     model.train(was_training)
-    confusion = confusion.view(num_classes, num_classes).cpu()
+    all_reduce_sum(loss_sum)
+    confusion = all_reduce_sum(confusion).view(num_classes, num_classes).cpu()
     n = max(len(split), 1)
     per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
     return {'loss': loss_sum.item() / n, 'acc': confusion.diag().sum().item() / n,
@@ -56,19 +60,6 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1024, amp: bool =
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint of this project, loaded with weights_only=True; UserError for anything else."""
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
-    except Exception as e:  # noqa: BLE001 - truncated, garbage, or pickles that are not plain data
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); nothing was changed") from None
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
-        raise UserError(f"{path} is not a checkpoint of this project (needs {sorted(CHECKPOINT_KEYS)})")
-    return ckpt
-
 
 def load_model(path: str) -> tuple[nn.Module, dict]:
     """(model with the checkpoint's weights, checkpoint) — rebuilt from the checkpoint alone."""
@@ -82,7 +73,7 @@ def load_model(path: str) -> tuple[nn.Module, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures (every figure of the repo is drawn with pyplot() and written with save_figure())
+# Figures (drawn with pyplot(); written with record.save_figure or Run.log_figure)
 
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (runs need no display); imported lazily."""
@@ -90,13 +81,6 @@ def pyplot():
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     return plt
-
-
-def save_figure(fig, path: str) -> str:
-    """Write fig as a PNG and free it. Returns path."""
-    fig.savefig(path, dpi=120, bbox_inches='tight')
-    pyplot().close(fig)
-    return path
 
 
 def plot_curves(history: list[dict]):
@@ -142,17 +126,21 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], title: str = '')
 
 def report(run: Run, model: nn.Module, data: Data, history: list[dict]) -> dict:
     """Test the best-on-val checkpoint once; write results.json and figures; close the run."""
-    from training import write_json
     best = load_checkpoint(run.path('checkpoints', 'best.pt'))
     model.load_state_dict(best['model'])
-    test = evaluate(model, data.test, amp=run.config['amp'])
+    test = evaluate(model, data.test, amp=use_amp(run.device, run.config),
+                    memory_format=memory_format(run.device, model, run.config))
     results = {
         'test_acc': test['acc'], 'test_loss': test['loss'],
         'best_val_acc': best['best_val_acc'], 'best_epoch': best['best_epoch'],
         'epochs_run': len(history), 'train_seconds': sum(h['epoch_seconds'] for h in history),
         'num_params': models.num_params(model), 'dataset': data.name, 'device': str(run.device),
-        'torch_version': torch.__version__, 'per_class_acc': test['per_class_acc'],
+        'torch_version': torch.__version__, 'world_size': run.world,
+        'per_class_acc': [round(a, 6) for a in test['per_class_acc']],
     }
+    if not is_main():
+        run.finish()
+        return results
     write_json(run.path('results.json'), results)
     run.log({'test/acc': test['acc'], 'test/loss': test['loss']}, step=len(history))
     run.log_figure('curves', plot_curves(history))
@@ -164,11 +152,20 @@ def report(run: Run, model: nn.Module, data: Data, history: list[dict]) -> dict:
     return results
 
 
+USAGE = """usage: python evaluate.py PATH/TO/checkpoint.pt
+
+Rebuilds the model from the checkpoint alone and evaluates it on the test split of the data it
+was trained on (the checkpoint's config: dataset, data_dir, val_split, subset)."""
+
+
 def main(argv: list[str]) -> None:
     from dataset import load_data
-    from training import pick_device
+    from record import pick_device
+    if argv in (['-h'], ['--help']):
+        print(USAGE)
+        return
     if len(argv) != 1 or argv[0].startswith('-'):
-        raise UserError("usage: python evaluate.py PATH/TO/checkpoint.pt")
+        raise UserError("usage: python evaluate.py PATH/TO/checkpoint.pt (see --help)")
     model, ckpt = load_model(argv[0])
     device = pick_device(ckpt['config']['device'])
     data = load_data(ckpt['config'], device)

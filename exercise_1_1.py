@@ -13,7 +13,8 @@ from config import COMMON, cli
 from dataset import load_data
 from evaluate import report
 from models import MLP
-from training import Run, train
+from record import Run
+from training import train
 
 config = {
     **COMMON,
@@ -42,4 +43,4 @@ def main(config: dict, overrides: dict) -> dict:
 
 
 if __name__ == '__main__':
-    cli(main, config)
+    cli(main, config, choices={'dataset': ('mnist', 'fashion_mnist', 'digits')})

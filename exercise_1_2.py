@@ -27,6 +27,7 @@ from models import MLP, SkipMLP
 from study import run_parts, train_run
 
 EXERCISE = 'exercise_1_2'
+STUDY_KEYS = ('part', 'depths', 'study_width', 'study_epochs')  # a resumed single run may change these
 
 config = {
     **COMMON,
@@ -70,8 +71,8 @@ def main(config: dict, overrides: dict) -> None:
     if config['part'] not in ('single', 'study', 'grads', 'all'):
         raise UserError(f"unknown part {config['part']!r}; choose single, study, grads or all")
     if config['part'] in ('single', 'all'):
-        train_run(EXERCISE, config, build_model, overrides,
-                  name=f"{config['model']}-d{config['depth']}-w{config['width']}")
+        train_run(EXERCISE, config, build_model, overrides, name=f"{config['model']}-d{config['depth']}-w{config['width']}",
+                  may_change=STUDY_KEYS)
 
     # the study and the gradient analysis: every cell shares everything but model and depth
     study = {**config, 'width': config['study_width'], 'epochs': config['study_epochs'], 'resume': ''}
@@ -79,4 +80,5 @@ def main(config: dict, overrides: dict) -> None:
               title=f"{config['dataset']}, width {study['width']}, {study['epochs']} epochs")
 
 if __name__ == '__main__':
-    cli(main, config)
+    cli(main, config, choices={'dataset': ('mnist', 'fashion_mnist', 'digits'), 'part': ('single', 'study', 'grads', 'all'),
+                               'model': ('plain', 'residual')})

@@ -24,7 +24,8 @@ Three parts, chosen with --part (default: single):
 The best-on-val checkpoint of a single run, which exercise 2.3 (CAM) explains, is
     <runs_dir>/exercise_1_3/<run_name>/checkpoints/best.pt
 with run_name '<model>-cnn-d<depth>-<dataset>-<timestamp>' unless --run_name is given
-(study cells: <runs_dir>/exercise_1_3/study-<model>-d<depth>/checkpoints/best.pt);
+(study cells: <runs_dir>/exercise_1_3/study-<model>-d<depth>-<id>/checkpoints/best.pt, <id> a hash
+of the cell's settings, see study.py);
 evaluate.load_model(path) rebuilds it, model.features gives the final feature maps and
 model.classifier the linear head.
 
@@ -40,6 +41,7 @@ from models import CNN
 from study import run_parts, train_run
 
 EXERCISE = 'exercise_1_3'
+STUDY_KEYS = ('part', 'depths', 'study_widths', 'study_epochs')  # a resumed single run may change these
 
 config = {
     **COMMON,
@@ -84,7 +86,8 @@ def main(config: dict, overrides: dict) -> None:
     if config['part'] not in ('single', 'study', 'grads', 'all'):
         raise UserError(f"unknown part {config['part']!r}; choose single, study, grads or all")
     if config['part'] in ('single', 'all'):
-        train_run(EXERCISE, config, build_model, overrides, name=f"{config['model']}-cnn-d{config['depth']}")
+        train_run(EXERCISE, config, build_model, overrides, name=f"{config['model']}-cnn-d{config['depth']}",
+                  may_change=STUDY_KEYS)
 
     # the study and the gradient analysis: every cell shares everything but model and depth
     study = {**config, 'widths': config['study_widths'], 'epochs': config['study_epochs'], 'resume': ''}
@@ -93,4 +96,5 @@ def main(config: dict, overrides: dict) -> None:
               title=f"{config['dataset']}{subset}, widths {study['widths']}, {study['epochs']} epochs")
 
 if __name__ == '__main__':
-    cli(main, config)
+    cli(main, config, choices={'dataset': ('cifar10', 'fashion_mnist', 'mnist', 'digits'),
+                               'part': ('single', 'study', 'grads', 'all'), 'model': ('plain', 'residual')})

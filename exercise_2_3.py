@@ -23,8 +23,8 @@ Faithfulness, per method and for random maps (i.i.d. per pixel, and smooth: rand
 
 Writes runs/exercise_2_3/<run>/{cnn,resnet18}_{correct,wrong,faithfulness}.png, results.json
 (faithfulness tables with `beats_random` / `beats_random_smooth` flags, zero-shot accuracy),
-TensorBoard and W&B, and, with `assets`, copies the figures to assets/ex23_*.png (part 2 only
-with ImageNet weights).
+TensorBoard and W&B, and, only with `--assets True`, copies the figures to assets/ex23_*.png, the
+README's figures (part 2 only with ImageNet weights); by default the source tree is left alone.
 Measured results (our CNN on Fashion-MNIST, CPU) are in README.md.
 
     python exercise_2_3.py                                   # newest 1.3 checkpoint + ResNet-18
@@ -35,7 +35,6 @@ Measured results (our CNN on Fashion-MNIST, CPU) are in README.md.
 import glob
 import json
 import os
-import shutil
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +44,7 @@ from dataset import Split, load_data, load_imagenette, spread
 from evaluate import load_model, pyplot
 from explain import (average_drop_increase, cam, deletion_insertion_auc, grad_cam, grad_cam_pp, overlay,
                      predict, random_maps)
-from training import Run, write_json
+from record import Run, copy_file, write_json
 
 EXERCISE = 'exercise_2_3'
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,7 +63,7 @@ config = {
     'image_size': 160,              # Imagenette: resize the shorter side, centre crop (px)
     'imagenette_limit': 0,          # Imagenette val images evaluated, evenly spread (0 = all 3,925)
     'resnet_faithfulness_images': 200,  # Imagenette val images scored (66 forwards each per map kind at 32 steps)
-    'assets': True,                 # also copy the figures to assets_dir/ex23_*.png for the README
+    'assets': False,                # opt-in: also copy the figures to assets_dir/ex23_*.png (the README's)
     'assets_dir': 'assets',         # relative to this script's folder unless absolute
 }
 
@@ -75,7 +74,7 @@ LABELS = {'cam': 'CAM', 'grad_cam': 'Grad-CAM', 'grad_cam_pp': 'Grad-CAM++', 'ra
 BETTER = {'deletion_auc': 'lower', 'insertion_auc': 'higher',  # how each metric rewards a faithful map
           'average_drop': 'lower', 'increase_in_confidence': 'higher'}
 # Keys handed on to exercise 1.3 when it must train a checkpoint first: data, system, smoke size.
-FORWARD_TO_1_3 = ('dataset', 'data_dir', 'subset', 'epochs', 'max_steps', 'device', 'seed', 'amp', 'compile',
+FORWARD_TO_1_3 = ('dataset', 'data_dir', 'subset', 'epochs', 'max_steps', 'device', 'seed', 'amp', 'channels_last', 'compile',
                   'runs_dir', 'wandb', 'wandb_project')
 
 # Imagenette's ten wnids (sorted, = its labels) as ImageNet-1k class indices: tench, English
@@ -241,7 +240,7 @@ def save_figures(run: Run, figures: dict, config: dict, to_assets: bool) -> list
         if to_assets:
             folder = os.path.join(HERE, config['assets_dir'])
             os.makedirs(folder, exist_ok=True)
-            shutil.copyfile(path, os.path.join(folder, f'ex23_{name}.png'))
+            copy_file(path, os.path.join(folder, f'ex23_{name}.png'))
             paths.append(os.path.join(folder, f'ex23_{name}.png'))
     return paths
 
@@ -455,6 +454,7 @@ def main(config: dict, overrides: dict) -> dict:
                     f"part 2 done ({'random weights' if config['weights'] == 'random' else 'ImageNet weights'}, "
                     f"zero-shot acc {100 * results['resnet18_zero_shot_acc']:.2f}%)")
     results['summary'] = '; '.join(done)
+    run.start()
     write_json(run.path('results.json'), results)
     print(f"\n{results['summary']} -> {run.path('results.json')}")
     run.finish({k: v for k, v in results.items() if k in ('summary', 'resnet18_zero_shot_acc')})
@@ -462,4 +462,5 @@ def main(config: dict, overrides: dict) -> dict:
 
 
 if __name__ == '__main__':
-    cli(main, config)
+    cli(main, config, choices={'part': ('cnn', 'resnet', 'all'), 'weights': ('imagenet', 'random'),
+                               'dataset': ('cifar10', 'fashion_mnist', 'mnist', 'digits')})

@@ -11,13 +11,19 @@ else it needs, e.g. config['width']); everything else is here:
     records = gradient_study('exercise_1_2', config, build_model, depths=[2, 4, 8])
     save_figure(plot_grad_norms(records), 'runs/exercise_1_2/grad_norms.png')
 
-Every cell is an ordinary run (Run -> load_data -> build_model -> train -> report) with a fixed
-name, study-<model>-d<depth>, so running the study again skips cells whose results.json
-exists and resumes a cell whose checkpoints/last.pt exists.
+Every cell is an ordinary run (Run -> load_data -> build_model -> train -> report) named
+study-<model>-d<depth>-<id>, where <id> is a hash of every setting that shapes the cell's result
+(cell_id: data, model, optimisation, seed... all but where and how it runs and logs). Running
+the same study again skips cells whose results.json exists and resumes a cell whose
+checkpoints/last.pt exists; a study with another width, lr or dataset gets cells of its own, so
+a table or a plot never mixes cells trained with different settings.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import json
 import os
 from typing import Callable, Sequence
 
@@ -25,31 +31,51 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from config import UserError
 from dataset import Data, load_data
-from evaluate import load_checkpoint, load_model, pyplot, report, save_figure
-from training import Run, pick_device, train
+from evaluate import load_model, pyplot, report
+from record import Run, atomic_write, barrier, is_main, load_checkpoint, pick_device, save_figure
+from training import train
 
 BuildModel = Callable[[dict, Data], nn.Module]  # (config with 'model' and 'depth', data) -> model
 CSV_COLUMNS = ['model', 'depth', 'width', 'params', 'best_val_acc', 'test_acc', 'final_train_loss',
-               'train_seconds']
+               'train_seconds', 'cell']
+# Keys that do not change what a cell computes: where and how it runs and logs, and the study's own
+# choice of parts and depths. Every other key is part of the cell's identity.
+NOT_IDENTITY = {'resume', 'run_name', 'runs_dir', 'data_dir', 'device', 'amp', 'channels_last', 'compile',
+                'overwrite', 'wandb', 'wandb_project', 'wandb_verbose', 'part', 'depths'}
 
 
 # ---------------------------------------------------------------------------------------------
 # Training runs
 
 def train_run(exercise: str, config: dict, build_model: BuildModel, overrides: dict | None = None,
-              name: str = 'run') -> dict:
-    """One run: Run -> load_data -> build_model -> train -> report. Returns results.json's dict."""
-    run = Run(exercise, config, overrides, name=name, tags=[config['model'], f"depth={config['depth']}"])
+              name: str = 'run', may_change: tuple[str, ...] = ()) -> dict:
+    """One run: Run -> load_data -> build_model -> train -> report. Returns results.json's dict.
+    may_change: the script's keys that a resume may change (they do not shape this run)."""
+    run = Run(exercise, config, overrides, name=name, tags=[config['model'], f"depth={config['depth']}"],
+              may_change=may_change)
     config = run.config  # the checkpoint's, when resuming
     data = load_data(config, run.device)
     model = build_model(config, data)
     history = train(model, data, run)
-    return report(run, model, data, history)
+    results = report(run, model, data, history)
+    barrier()  # rank 0 has written results.json
+    return results
 
 
-def cell_dir(exercise: str, config: dict, model: str, depth: int) -> str:
-    return os.path.join(config['runs_dir'], exercise, f'study-{model}-d{depth}')
+def cell_config(config: dict, model: str, depth: int) -> dict:
+    return {**config, 'model': model, 'depth': depth, 'resume': '', 'run_name': ''}
+
+
+def cell_id(cell: dict) -> str:
+    """8 hex digits of a hash of every key that shapes the cell's result (not NOT_IDENTITY)."""
+    identity = {k: v for k, v in sorted(cell.items()) if k not in NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def cell_dir(exercise: str, cell: dict) -> str:
+    return os.path.join(cell['runs_dir'], exercise, f"study-{cell['model']}-d{cell['depth']}-{cell_id(cell)}")
 
 
 def run_study(exercise: str, config: dict, build_model: BuildModel,
@@ -64,15 +90,15 @@ def run_study(exercise: str, config: dict, build_model: BuildModel,
     rows = []
     for depth in depths:
         for model in models:
-            run_dir = cell_dir(exercise, config, model, depth)
+            cell = cell_config(config, model, depth)
+            run_dir = cell_dir(exercise, cell)
             last = os.path.join(run_dir, 'checkpoints', 'last.pt')
             if os.path.exists(os.path.join(run_dir, 'results.json')):
-                print(f"skip {run_dir}: results.json exists")
-            else:
-                cell = {**config, 'model': model, 'depth': depth, 'run_name': os.path.basename(run_dir),
-                        'resume': last if os.path.exists(last) else ''}
-                train_run(exercise, cell, build_model)
-            rows.append(study_row(run_dir))
+                print(f"skip {run_dir}: done, same settings (cell {cell_id(cell)})")
+            else:  # a folder without last.pt never checkpointed: nothing in it to keep
+                train_run(exercise, {**cell, 'run_name': os.path.basename(run_dir), 'overwrite': True,
+                                     'resume': last if os.path.exists(last) else ''}, build_model)
+            rows.append(study_row(run_dir, cell))
     return rows
 
 
@@ -87,6 +113,9 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
     out_dir = os.path.join(config['runs_dir'], exercise)
     if config['part'] in ('study', 'all'):
         rows = run_study(exercise, study, build_model, depths=config['depths'])
+        if not is_main():  # under torchrun every process trains, rank 0 writes
+            rows = []
+    if config['part'] in ('study', 'all') and rows:
         write_csv(rows, os.path.join(out_dir, 'study.csv'))
         save_figure(plot_study(rows, title=f'test accuracy ({title})', xlabel=xlabel),
                     os.path.join(out_dir, 'study_acc.png'))
@@ -94,30 +123,36 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
         print(f"wrote {out_dir}/study_acc.png and study_loss.png")
     if config['part'] in ('grads', 'all'):  # why: gradient norms per layer on one training batch
         records = gradient_study(exercise, study, build_model, depths=config['depths'])
+        if not is_main():
+            return
         print_grad_summary(records)
         save_figure(plot_grad_norms(records, title=f'gradient norm per layer, one batch ({title})'),
                     os.path.join(out_dir, 'grad_norms.png'))
         print(f"wrote {out_dir}/grad_norms.png")
 
 
-def study_row(run_dir: str) -> dict:
-    """The CSV row (plus 'history') of a finished cell, read back from its files."""
-    import json
+def study_row(run_dir: str, cell: dict) -> dict:
+    """The CSV row (plus 'history') of a finished cell, read back from its files. The cell's own
+    config must have the identity `cell` asks for: a row never describes other settings."""
     with open(os.path.join(run_dir, 'results.json')) as f:
         results = json.load(f)
     ckpt = load_checkpoint(os.path.join(run_dir, 'checkpoints', 'last.pt'))
     config, history = ckpt['config'], ckpt['history']
+    if cell_id(config) != cell_id(cell):
+        raise UserError(f"{run_dir} holds a cell trained with other settings (cell {cell_id(config)}, "
+                        f"expected {cell_id(cell)}); move it away and run the study again")
     return {'model': config['model'], 'depth': config['depth'], 'width': config.get('width', config.get('widths', '')),
             'params': results['num_params'], 'best_val_acc': results['best_val_acc'],
             'test_acc': results['test_acc'], 'final_train_loss': history[-1]['train/loss'],
-            'train_seconds': results['train_seconds'], 'history': history}
+            'train_seconds': results['train_seconds'], 'cell': os.path.basename(run_dir), 'history': history}
 
 
 def write_csv(rows: list[dict], path: str) -> None:
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction='ignore')
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, CSV_COLUMNS, extrasaction='ignore', lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue()), binary=False)
     print(f"wrote {path}")
 
 
@@ -151,7 +186,9 @@ def gradient_study(exercise: str, config: dict, build_model: BuildModel,
     records = []
     for depth in depths:
         for model_name in models:
-            best = os.path.join(cell_dir(exercise, config, model_name, depth), 'checkpoints', 'best.pt')
+            best = os.path.join(cell_dir(exercise, cell_config(config, model_name, depth)), 'checkpoints', 'best.pt')
+            if not os.path.exists(best):
+                raise UserError(f"{best} does not exist: run --part study with the same settings first")
             trained, ckpt = load_model(best)
             torch.manual_seed(ckpt['config']['seed'])  # as Run does before the script builds the model
             initial = build_model(ckpt['config'], data)

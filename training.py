@@ -1,21 +1,22 @@
-"""The one training loop, and the run it writes to.
+"""The one training loop.
 
-`Run` owns a run directory (config.json, checkpoints/, TensorBoard events, figures, W&B).
-`train(model, data, run)` fits a classifier with cross-entropy and returns the per-epoch
-history; every exercise and every study row goes through it.
+`train(model, data, run)` fits a classifier with cross-entropy, selects on the validation split
+and checkpoints every epoch; every exercise and every study cell goes through it. The run's
+record (directory, checkpoints, TensorBoard, W&B) is record.Run.
+
+Under torchrun (README, "Many GPUs") the same loop runs on every process: all ranks draw the
+same permutation and augmentation for the global batch and each trains on its slice, wrapped
+in DistributedDataParallel; rank 0 alone writes. Without torchrun nothing of that is active.
 """
 from __future__ import annotations
 
-import glob
 import itertools
-import json
 import math
 import os
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,144 +25,8 @@ from tqdm import tqdm
 
 from config import UserError
 from dataset import Data
-from evaluate import evaluate, load_checkpoint, save_figure
-
-
-# ---------------------------------------------------------------------------------------------
-# Run: directory, loggers, checkpoints
-
-def pick_device(name: str) -> torch.device:
-    if name != 'auto':
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    if torch.backends.mps.is_available():
-        return torch.device('mps')
-    return torch.device('cpu')
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Atomic: a crash leaves the old file or the new one, never half of one."""
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic like write_json: torch.save to a temp file in the same folder, then os.replace."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class Run:
-    """runs/<exercise>/<run_name>/ with config.json, checkpoints/, TensorBoard events and W&B.
-
-    With config['resume'] set, the run continues in the checkpoint's directory with the
-    checkpoint's config; keys given on the command line (`overrides`) still apply.
-    """
-
-    def __init__(self, exercise: str, config: dict, overrides: dict | None = None,
-                 name: str = 'run', tags: list[str] | None = None):
-        self.exercise = exercise
-        config = dict(config)  # resume='auto' resolves into our copy, not the caller's dict
-        self.checkpoint = self._find_resume(config, name)
-        if self.checkpoint is not None:
-            path = config['resume']
-            config = {**self.checkpoint['config'], **(overrides or {}), 'resume': path}
-            self.dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-            self.name = os.path.basename(self.dir)
-        else:
-            self.name = config['run_name'] or f"{name}-{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
-            self.dir = os.path.join(config['runs_dir'], exercise, self.name)
-        self.config = config
-        self.device = pick_device(config['device'])
-        os.makedirs(os.path.join(self.dir, 'checkpoints'), exist_ok=True)
-        write_json(os.path.join(self.dir, 'config.json'), config)
-        with open(os.path.join(self.dir, 'command.txt'), 'a') as f:
-            f.write(' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\n')
-        print(f"run {self.dir} on {self.device}" + (f" (resuming {config['resume']})" if self.checkpoint else ''))
-        print('config ' + ' '.join(f'{k}={v!r}' for k, v in config.items()))
-        torch.manual_seed(config['seed'])  # before the script builds its model
-
-        from torch.utils.tensorboard import SummaryWriter  # lazy: heavy import
-        start = len(self.checkpoint['history']) if self.checkpoint else 0
-        self.tb = SummaryWriter(self.dir, purge_step=start + 1)  # drop epochs a killed run logged twice
-        self.wandb = self._init_wandb(tags or [])
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.dir, *parts)
-
-    def _find_resume(self, config: dict, name: str) -> dict | None:
-        resume = config['resume']
-        if not resume:
-            return None
-        if resume == 'auto':
-            base = os.path.join(config['runs_dir'], self.exercise)
-            pattern = config['run_name'] or f"{name}-{config['dataset']}-*"
-            found = sorted(glob.glob(os.path.join(base, pattern, 'checkpoints', 'last.pt')), key=os.path.getmtime)
-            if not found:
-                print(f"resume=auto: no last.pt under {os.path.join(base, pattern)}, starting fresh")
-                config['resume'] = ''
-                return None
-            config['resume'] = found[-1]
-        return load_checkpoint(config['resume'])
-
-    def _init_wandb(self, tags: list[str]):
-        """A W&B run, falling back to offline, then to none: W&B trouble never stops training."""
-        mode = self.config['wandb']
-        if mode == 'off':
-            return None
-        try:
-            import wandb
-        except ImportError:
-            print("wandb is not installed; W&B logging is off")
-            return None
-        for m in [mode, 'offline'] if mode == 'online' else [mode]:
-            try:
-                return wandb.init(project=self.config['wandb_project'], group=self.exercise,
-                                  name=self.name, id=_wandb_id(self.exercise, self.name), resume='allow',
-                                  config=self.config, tags=tags, dir=self.dir, mode=m,
-                                  settings=wandb.Settings(init_timeout=60, console='off'))
-            except Exception as e:  # noqa: BLE001 - any W&B failure is non-fatal by design
-                print(f"W&B {m} init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-        print("W&B logging is off for this run")
-        return None
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def log_figure(self, name: str, fig, step: int | None = None) -> str:
-        """Save as <run>/<name>.png, and send to TensorBoard and W&B. Returns the PNG path."""
-        path = self.path(f'{name}.png')
-        self.tb.add_figure(name, fig, step, close=False)
-        save_figure(fig, path)
-        if self.wandb is not None:
-            import wandb
-            self.wandb.log({name: wandb.Image(path)})
-        return path
-
-    def finish(self, summary: dict | None = None) -> None:
-        self.tb.close()
-        if self.wandb is not None:
-            if summary:
-                self.wandb.summary.update(summary)
-            offline = self.wandb.offline
-            self.wandb.finish()
-            if offline:
-                print(f"W&B ran offline; upload with: wandb sync {self.path('wandb', 'offline-run-*')}")
-
-
-def _wandb_id(exercise: str, name: str) -> str:
-    """Stable per run directory, so a resumed run continues the same W&B run."""
-    return ''.join(c if c.isalnum() or c in '-_' else '_' for c in f'{exercise}-{name}')[-128:]
+from evaluate import evaluate
+from record import Run, all_reduce_sum, barrier, memory_format, save_checkpoint, use_amp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +79,45 @@ class StopRequest:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any process was asked to stop: every rank must stop at the same step."""
+        flag = torch.tensor([float(self.requested)], device=device)
+        return bool(all_reduce_sum(flag).item())
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (nohup, notebooks, cluster logs, CI) a short line
+    every 10% of an epoch (at most one per 5 s) or every 30 s, with samples/s and the running loss."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool, samples_before: float = 0.0):
+        self.tty = enabled and sys.stderr.isatty()
+        self.lines = enabled and not self.tty
+        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, disable=not self.tty)
+        self.total, self.step, self.desc = total, initial, desc
+        self.every = max(1, total // 10)
+        self.t0 = self.last = time.perf_counter()
+        self.samples_before = samples_before  # trained in this epoch before a resume: not timed here
+
+    def update(self, sums: torch.Tensor) -> None:
+        """sums = (loss * n, correct, n) on the device; read (a GPU sync) only when printing."""
+        self.step += 1
+        if self.tty:
+            self.bar.update()
+            if self.step % 50 == 0:
+                self.bar.set_postfix(loss=f'{sums[0].item() / sums[2].item():.4f}')
+        elif self.lines and self.step < self.total and (  # at most every 5 s: short runs stay quiet
+                (self.step % self.every == 0 and time.perf_counter() - self.last > 5)
+                or time.perf_counter() - self.last > 30):
+            loss, _, n = sums.tolist()
+            now = time.perf_counter()
+            rate = (n - self.samples_before) / (now - self.t0)
+            print(f"  {self.desc} {100 * self.step / self.total:3.0f}% | loss {loss / n:.4f} | {rate:,.0f} samples/s",
+                  flush=True)
+            self.last = now
+
+    def close(self) -> None:
+        self.bar.close()
+
 
 # ---------------------------------------------------------------------------------------------
 # The loop
@@ -223,31 +127,42 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
 
     last.pt (every epoch, and on SIGINT/SIGTERM mid-epoch) and best.pt (best val/acc) hold the
     model, optimizer, scheduler, RNG states, position in the epoch, history and config, so a
-    resumed run continues exactly where it stopped: on the CPU, bitwise.
+    resumed run continues exactly where it stopped: on the CPU, bitwise. Everything that can be
+    refused is checked before run.start(), and a fresh run that fails before its first checkpoint
+    leaves no directory behind.
     """
-    config, device = run.config, run.device
-    cuda = device.type == 'cuda'
-    conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    memory_format = torch.channels_last if cuda and conv else torch.contiguous_format
-    if cuda and conv:
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    model.to(device=device, memory_format=memory_format)
-
+    config, device, rank, world = run.config, run.device, run.rank, run.world
     if not len(data.train) or not len(data.val):
         raise UserError(f"empty split (train {len(data.train)}, val {len(data.val)} samples): "
-                        f"--val_split must be between 0 and 1, exclusive")
+                        f"--val_split must be between 0 and 1, exclusive, and --subset large enough")
     bs = config['batch_size']
+    if bs < world:
+        raise UserError(f"--batch_size {bs} is the global batch; it must be >= the {world} processes")
     steps_per_epoch = math.ceil(len(data.train) / bs)
     if config['max_steps']:
         steps_per_epoch = min(steps_per_epoch, config['max_steps'])
+    if config.get('sync_bn') and world > 1:
+        if device.type != 'cuda':
+            raise UserError("--sync_bn True needs CUDA (NCCL); on the CPU each process keeps its own BatchNorm "
+                            "statistics")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    mf = memory_format(device, model, config)
+    amp = use_amp(device, config)
+    if device.type == 'cuda' and mf == torch.channels_last:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    model.to(device=device, memory_format=mf)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, config['epochs'] * steps_per_epoch)
-    generator = torch.Generator().manual_seed(config['seed'])  # shuffling only, CPU
-    state = dict(epoch=0, batch=0, order=None, sums=torch.zeros(3), best_val_acc=-1.0, best_epoch=0,
-                 history=[])
+    generator = torch.Generator().manual_seed(config['seed'])  # shuffling, CPU
+    augment_generator = torch.Generator(device=device).manual_seed(config['seed'])  # augmentation, on device
+    state = dict(epoch=0, batch=0, order=None, sums=torch.zeros(3), seconds=0.0, best_val_acc=-1.0,
+                 best_epoch=0, history=[])
 
-    if run.checkpoint is not None:
-        ck = run.checkpoint
+    ck = run.checkpoint
+    if ck is not None:
+        if ck['model_class'] != type(model).__name__ or ck['model_args'] != model.args:
+            raise UserError(f"{config['resume']} holds a {ck['model_class']}{ck['model_args']}, but this run built "
+                            f"a {type(model).__name__}{model.args}")
         planned = ck['scheduler'].get('total_steps', ck['scheduler'].get('T_max'))  # onecycle / cosine
         if planned is not None and planned != config['epochs'] * steps_per_epoch:
             raise UserError(f"{config['resume']} was scheduled for {planned} steps, this run would take "
@@ -258,84 +173,125 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
         scheduler.load_state_dict(ck['scheduler'])
         generator.set_state(ck['rng']['data'])
         torch.set_rng_state(ck['rng']['torch'])
-        if cuda and ck['rng']['cuda']:
+        if 'augment' in ck['rng'] and ck['rng'].get('augment_device', 'cpu') == device.type:
+            augment_generator.set_state(ck['rng']['augment'])
+        if device.type == 'cuda' and ck['rng']['cuda']:
             torch.cuda.set_rng_state_all(ck['rng']['cuda'])
-        state.update({k: ck[k] for k in state})
+        state.update({k: ck[k] for k in state if k in ck})
+        if rank > 0:  # the checkpoint holds rank 0's partial sums; the others start from zero
+            state['sums'] = torch.zeros(3)
+    if rank > 0:  # dropout: every process its own draws (model init above was identical on all)
+        torch.manual_seed(config['seed'] + 7919 * rank + 104729 * (state['epoch'] * steps_per_epoch + state['batch']))
 
-    forward = torch.compile(model) if config['compile'] else model
-    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if cuda and config['amp'] else nullcontext())
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if config['compile']:
+        forward = torch.compile(forward)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     ls = config['label_smoothing']
+    wrote_checkpoint = False
 
-    def checkpoint(name: str) -> None:
-        save_checkpoint(run.path('checkpoints', name), {
-            'model': model.state_dict(), 'model_class': type(model).__name__, 'model_args': model.args,
-            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-            'rng': {'data': generator.get_state(), 'torch': torch.get_rng_state(),
-                    'cuda': torch.cuda.get_rng_state_all() if cuda else []},
-            'config': config, **state})
+    def checkpoint(name: str, sums: torch.Tensor) -> None:
+        """Rank 0 writes (sums: the global partial sums of the epoch so far); the others wait."""
+        nonlocal wrote_checkpoint
+        if rank == 0:
+            save_checkpoint(run.path('checkpoints', name), {
+                'model': model.state_dict(), 'model_class': type(model).__name__, 'model_args': model.args,
+                'exercise': run.exercise, 'wandb_id': run.wandb_id, 'world_size': world,
+                'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+                'rng': {'data': generator.get_state(), 'torch': torch.get_rng_state(),
+                        'augment': augment_generator.get_state(), 'augment_device': device.type,
+                        'cuda': torch.cuda.get_rng_state_all() if device.type == 'cuda' else []},
+                'config': config, **state, 'sums': sums.cpu()})
+        wrote_checkpoint = True
+        barrier()
 
-    def stop(reason: str) -> None:
-        checkpoint('last.pt')
-        print(f"{reason}; saved {run.path('checkpoints', 'last.pt')}\n"
-              f"resume with: python {os.path.basename(sys.argv[0])} --resume {run.path('checkpoints', 'last.pt')}")
+    def stop(reason: str, sums: torch.Tensor) -> None:
+        checkpoint('last.pt', sums)
+        if rank == 0:
+            print(f"{reason}; saved {run.path('checkpoints', 'last.pt')}\n"
+                  f"resume with: python {os.path.basename(sys.argv[0])} --resume {run.path('checkpoints', 'last.pt')}",
+                  flush=True)
         run.finish()
         sys.exit(130)
 
-    with StopRequest() as stop_request:
-        while state['epoch'] < config['epochs']:
-            epoch = state['epoch']
-            if state['order'] is None:  # a new epoch; a resumed one keeps its order
-                state['order'] = torch.randperm(len(data.train), generator=generator)
-            sums = state['sums'].to(device)  # loss * n, correct, n (on device: no per-step sync)
-            model.train()
-            t0 = time.perf_counter()
-            bar = tqdm(total=steps_per_epoch, initial=state['batch'], desc=f'epoch {epoch + 1}/{config["epochs"]}',
-                       leave=False, disable=not sys.stderr.isatty())
-            batches = data.train.batches(bs, state['order'].to(device), start=state['batch'])
-            for x, y in itertools.islice(batches, steps_per_epoch - state['batch']):
-                x = x.contiguous(memory_format=memory_format)
-                with autocast:
-                    logits = forward(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=ls)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                sums[0] += loss.detach().float() * len(y)  # in-place adds of Python numbers: no sync
-                sums[1] += (logits.argmax(1) == y).sum()
-                sums[2] += len(y)
-                state['batch'] += 1
-                bar.update()
-                if not bar.disable and state['batch'] % 50 == 0:  # .item() waits for the GPU
-                    bar.set_postfix(loss=f'{sums[0].item() / sums[2].item():.4f}')
-                if stop_request.requested:
-                    state['sums'] = sums.cpu()
-                    if torch.isfinite(sums[0]):
-                        stop(f"stopped in epoch {epoch + 1} after batch {state['batch']}")
-                    break
-            bar.close()
-            loss_sum, correct, n = sums.tolist()  # waits for the GPU, so the time below is real
-            train_seconds = time.perf_counter() - t0
-            if not math.isfinite(loss_sum):
-                raise UserError(f"training loss became {loss_sum} in epoch {epoch + 1}; stopped. The last good "
-                                f"checkpoint is {run.path('checkpoints', 'last.pt')}. Try a lower --lr.")
+    run.start()
+    try:
+        with StopRequest() as stop_request:
+            while state['epoch'] < config['epochs']:
+                epoch = state['epoch']
+                if state['order'] is None:  # a new epoch; a resumed one keeps its order
+                    state['order'] = torch.randperm(len(data.train), generator=generator)
+                sums = state['sums'].to(device)  # loss * n, correct, n of this process (no per-step sync)
+                model.train()
+                t0 = time.perf_counter()
+                progress = Progress(steps_per_epoch, state['batch'], f'epoch {epoch + 1}/{config["epochs"]}',
+                                    enabled=rank == 0, samples_before=float(state['sums'][2]))
+                batches = data.train.batches(bs, state['order'].to(device), start=state['batch'],
+                                             generator=augment_generator)
+                stopped = False
+                for x, y in itertools.islice(batches, steps_per_epoch - state['batch']):
+                    if world > 1:  # this process's slice of the global batch
+                        n_global = len(y)
+                        x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+                    x = x.contiguous(memory_format=mf)
+                    with autocast:
+                        logits = forward(x)
+                        if world == 1:
+                            loss = F.cross_entropy(logits, y, label_smoothing=ls)
+                        else:  # DDP averages gradients over ranks: this makes it the global batch mean
+                            loss = F.cross_entropy(logits, y, label_smoothing=ls, reduction='sum') * world / n_global
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    n = len(y)
+                    sums[0] += (loss.detach().float() * n_global / world if world > 1 else loss.detach().float() * n)
+                    sums[1] += (logits.argmax(1) == y).sum()
+                    sums[2] += n
+                    state['batch'] += 1
+                    progress.update(sums)
+                    if (stop_request.requested if world == 1 else
+                            state['batch'] % 20 == 0 and stop_request.agreed(device)):
+                        stopped = True
+                        break
+                progress.close()
+                total = all_reduce_sum(sums.clone())  # every process's sums
+                loss_sum, correct, n = total.tolist()  # waits for the GPU, so the time below is real
+                seconds = state['seconds'] + time.perf_counter() - t0  # this epoch's training, all sessions
+                if stopped:
+                    state['seconds'] = seconds
+                    if math.isfinite(loss_sum):
+                        stop(f"stopped in epoch {epoch + 1} after batch {state['batch']}", total)
+                if not math.isfinite(loss_sum):
+                    raise UserError(f"training loss became {loss_sum} in epoch {epoch + 1}; stopped. The last good "
+                                    f"checkpoint is {run.path('checkpoints', 'last.pt')}. Try a lower --lr.")
 
-            val = evaluate(model, data.val, amp=config['amp'], memory_format=memory_format)
-            row = {'epoch': epoch + 1, 'train/loss': loss_sum / n, 'train/acc': correct / n,
-                   'val/loss': val['loss'], 'val/acc': val['acc'], 'lr': optimizer.param_groups[0]['lr'],
-                   'epoch_seconds': time.perf_counter() - t0, 'samples_per_second': n / train_seconds}
-            print(f"epoch {epoch + 1:3d}/{config['epochs']} | train loss {row['train/loss']:.4f} "
-                  f"acc {100 * row['train/acc']:6.2f} | val loss {row['val/loss']:.4f} acc {100 * row['val/acc']:6.2f} "
-                  f"| lr {row['lr']:.2e} | {row['epoch_seconds']:5.1f}s {row['samples_per_second']:,.0f} samples/s",
-                  flush=True)
-            run.log({k: v for k, v in row.items() if k != 'epoch'}, step=epoch + 1)
-
-            state.update(epoch=epoch + 1, batch=0, order=None, sums=torch.zeros(3))
-            state['history'] = state['history'] + [row]
-            if val['acc'] > state['best_val_acc']:
-                state.update(best_val_acc=val['acc'], best_epoch=epoch + 1)
-                checkpoint('best.pt')
-            checkpoint('last.pt')
-            if stop_request.requested and state['epoch'] < config['epochs']:
-                stop(f"stopped after epoch {epoch + 1}")
+                val = evaluate(model, data.val, amp=amp, memory_format=mf)
+                row = {'epoch': epoch + 1, 'train/loss': loss_sum / n, 'train/acc': correct / n,
+                       'val/loss': val['loss'], 'val/acc': val['acc'], 'lr': optimizer.param_groups[0]['lr'],
+                       'epoch_seconds': state['seconds'] + time.perf_counter() - t0,
+                       'samples_per_second': n / seconds}
+                state.update(epoch=epoch + 1, batch=0, order=None, sums=torch.zeros(3), seconds=0.0)
+                state['history'] = state['history'] + [row]
+                # the epoch's checkpoints first, then its logs: a logger failing cannot cost the epoch
+                if val['acc'] > state['best_val_acc']:
+                    state.update(best_val_acc=val['acc'], best_epoch=epoch + 1)
+                    checkpoint('best.pt', state['sums'])
+                checkpoint('last.pt', state['sums'])
+                if rank == 0:
+                    print(f"epoch {epoch + 1:3d}/{config['epochs']} | train loss {row['train/loss']:.4f} "
+                          f"acc {100 * row['train/acc']:6.2f} | val loss {row['val/loss']:.4f} "
+                          f"acc {100 * row['val/acc']:6.2f} | lr {row['lr']:.2e} | {row['epoch_seconds']:5.1f}s "
+                          f"{row['samples_per_second']:,.0f} samples/s", flush=True)
+                run.log({k: v for k, v in row.items() if k != 'epoch'}, step=epoch + 1)
+                wanted = stop_request.requested if world == 1 else stop_request.agreed(device)
+                if wanted and state['epoch'] < config['epochs']:
+                    stop(f"stopped after epoch {epoch + 1}", state['sums'])
+    except BaseException as e:
+        if not wrote_checkpoint and not isinstance(e, SystemExit):
+            run.discard()  # a fresh run that died before its first checkpoint leaves no stub
+        raise
     return state['history']

@@ -30,12 +30,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 from contextlib import nullcontext  # noqa: E402
 
-from dataset import write_cifar10  # noqa: E402
 from exercise_1_3 import EXERCISE, build_model, config as default_config  # noqa: E402
-from training import Run, make_optimizer, make_scheduler, pick_device, train  # noqa: E402
+from record import Run, pick_device  # noqa: E402
+from synthetic import write_cifar10  # noqa: E402
+from training import make_optimizer, make_scheduler, train  # noqa: E402
 
 CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10 train statistics
@@ -101,7 +103,7 @@ def bench_torchvision(config: dict, data_dir: str, workers: int) -> tuple[float,
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, config['epochs'] * len(loader))
     forward = torch.compile(model) if config['compile'] else model
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda and config['amp'] else nullcontext()
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda and config['amp'] != 'off' else nullcontext()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for epoch in range(config['epochs']):

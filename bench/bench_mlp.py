@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import COMMON  # noqa: E402
 from dataset import IDX_FILES, load_idx_dataset  # noqa: E402
 from models import MLP  # noqa: E402
-from training import Run, train  # noqa: E402
+from record import Run  # noqa: E402
+from training import train  # noqa: E402
 from evaluate import evaluate  # noqa: E402
 
 

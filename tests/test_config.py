@@ -14,7 +14,8 @@ DEFAULTS = {**COMMON, 'hidden': [64, 64], 'dropout': 0.0}
     (['--hidden', '[512, 256]'], {'hidden': [512, 256]}),
     (['--hidden=(8,)'], {'hidden': [8]}),                      # tuple literal becomes the list it stands for
     (['--optimizer', 'sgd'], {'optimizer': 'sgd'}),            # bare word is a string
-    (['--amp', 'false', '--compile', 'True'], {'amp': False, 'compile': True}),
+    (['--amp', 'off', '--compile', 'True'], {'amp': 'off', 'compile': True}),
+    (['--run_name', '2024'], {'run_name': '2024'}),            # a string key takes the text as given
     (['--resume', 'runs/x/checkpoints/last.pt'], {'resume': 'runs/x/checkpoints/last.pt'}),
 ])
 def test_overrides_parse_as_python_literals(argv, expected):
@@ -25,9 +26,9 @@ def test_overrides_parse_as_python_literals(argv, expected):
 
 @pytest.mark.parametrize('argv, message', [
     (['--lrr', '0.1'], "unknown config key 'lrr'"),
-    (['--epochs', '2.5'], '--epochs expects a int'),
+    (['--epochs', '2.5'], '--epochs expects an int'),
     (['--hidden', '512'], '--hidden expects a list'),
-    (['--amp', 'yes'], '--amp expects a bool'),
+    (['--compile', 'yes'], '--compile expects a bool'),
     (['--epochs'], '--epochs needs a value'),
     (['epochs=3'], 'unexpected argument'),
 ])

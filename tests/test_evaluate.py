@@ -11,7 +11,8 @@ from torch import nn
 from config import UserError
 from conftest import write_mnist
 from dataset import Split
-from evaluate import evaluate, load_checkpoint, load_model
+from evaluate import evaluate, load_model
+from record import load_checkpoint
 
 
 class Lookup(nn.Module):

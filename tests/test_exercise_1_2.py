@@ -104,10 +104,11 @@ def test_smoke_study_writes_outputs_then_skips_and_resumes(tmp_path, capsys):
     for name in ('study.csv', 'study_acc.png', 'study_loss.png', 'grad_norms.png'):
         assert (out / name).stat().st_size > 0, name
     lines = (out / 'study.csv').read_text().splitlines()
-    assert lines[0] == 'model,depth,width,params,best_val_acc,test_acc,final_train_loss,train_seconds'
+    assert lines[0] == 'model,depth,width,params,best_val_acc,test_acc,final_train_loss,train_seconds,cell'
     assert [tuple(r.split(',')[:3]) for r in lines[1:]] == [
         ('plain', '2', '16'), ('residual', '2', '16'), ('plain', '3', '16'), ('residual', '3', '16')]
-    cells = [out / f'study-{m}-d{d}' for d in (2, 3) for m in ('plain', 'residual')]
+    cells = [out / r.split(',')[-1] for r in lines[1:]]
+    assert [c.name[:-9] for c in cells] == [f'study-{m}-d{d}' for d in (2, 3) for m in ('plain', 'residual')]
     assert all((c / 'curves.png').exists() for c in cells)  # per-run figures through Run.log_figure
     out_text = capsys.readouterr().out
     assert 'first/last' in out_text  # the gradient summary

@@ -12,7 +12,8 @@ from torch import nn
 
 from config import UserError, cli
 from conftest import write_mnist
-from dataset import load_cifar10, load_data, random_crop, random_flip, write_cifar10
+from dataset import load_cifar10, load_data, random_crop, random_flip
+from synthetic import write_cifar10
 from evaluate import load_model
 from models import CNN, num_params
 

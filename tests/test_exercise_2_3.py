@@ -10,7 +10,8 @@ import torch
 
 import exercise_2_3 as ex23
 from config import UserError, cli
-from dataset import IMAGENETTE_WNIDS, load_imagenette, write_cifar10
+from dataset import IMAGENETTE_WNIDS, load_imagenette
+from synthetic import write_cifar10
 
 CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 TINY = ['--wandb', 'off', '--device', 'cpu', '--faithfulness_images', '12', '--faithfulness_steps', '4',
@@ -132,7 +133,7 @@ def test_checkpoint_choice_prefers_the_dataset_then_finished_runs(tmp_path):
 
 def test_part1_smoke_writes_figures_and_faithfulness(tiny_checkpoint, tmp_path, capsys):
     runs = str(tmp_path / 'runs')
-    cli(ex23.main, ex23.config, ['--checkpoint', tiny_checkpoint['path'], '--part', 'cnn', '--assets', 'false',
+    cli(ex23.main, ex23.config, ['--checkpoint', tiny_checkpoint['path'], '--part', 'cnn',
                                  '--assets_dir', str(tmp_path / 'assets'), '--runs_dir', runs, '--run_name', 'p1',
                                  *TINY])
     run_dir, results = results_of(runs, 'p1')
@@ -147,7 +148,7 @@ def test_part1_smoke_writes_figures_and_faithfulness(tiny_checkpoint, tmp_path, 
     assert 'beats_random' not in results['cnn']['random']
     assert os.path.exists(os.path.join(run_dir, 'cnn_faithfulness.png'))
     assert any(os.path.exists(os.path.join(run_dir, f'cnn_{k}.png')) for k in ('correct', 'wrong'))
-    assert not (tmp_path / 'assets').exists()                          # --assets false writes none
+    assert not (tmp_path / 'assets').exists()                          # by default the README's figures stay
     printed = capsys.readouterr().out
     assert 'faithfulness' in printed and 'random' in printed and 'part 1 (our CNN) done' in printed
 
@@ -158,7 +159,7 @@ def test_part1_trains_exercise_1_3_when_there_is_no_checkpoint(tiny_checkpoint, 
     runs = str(tmp_path / 'runs')
     cli(ex23.main, ex23.config, ['--part', 'cnn', '--data_dir', tiny_checkpoint['data_dir'], '--runs_dir', runs,
                                  '--max_steps', '1', '--subset', '32', '--epochs', '1', '--run_name', 'auto',
-                                 '--assets_dir', str(tmp_path / 'assets'), *TINY])
+                                 '--assets', 'True', '--assets_dir', str(tmp_path / 'assets'), *TINY])
     assert 'no exercise 1.3 checkpoint' in capsys.readouterr().out
     trained = [d for d in os.listdir(os.path.join(runs, 'exercise_1_3'))]
     assert len(trained) == 1 and trained[0].startswith('residual-cnn-d1-cifar10')
@@ -178,7 +179,7 @@ PART2 = ['--part', 'resnet', '--weights', 'random', '--image_size', '64', '--res
 def test_part2_smoke_random_weights(imagenette_dir, tmp_path):
     runs = str(tmp_path / 'runs')
     cli(ex23.main, ex23.config, [*PART2, '--data_dir', imagenette_dir, '--runs_dir', runs, '--run_name', 'p2',
-                                 '--assets_dir', str(tmp_path / 'assets'), '--imagenette_limit', '4', *TINY])
+                                 '--assets', 'True', '--assets_dir', str(tmp_path / 'assets'), '--imagenette_limit', '4', *TINY])
     run_dir, results = results_of(runs, 'p2')
     assert results['resnet18_weights'] == 'random' and results['resnet18_setup']['weights'] == 'random weights'
     assert results['resnet18_setup']['val_images'] == 4 and 0 <= results['resnet18_zero_shot_acc'] <= 1

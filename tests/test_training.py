@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
+import record
 import training
 from config import UserError
 from dataset import load_data
-from evaluate import load_checkpoint
 from exercise_1_1 import main
 from models import MLP
-from training import Run, train
+from record import Run, load_checkpoint
+from training import train
 
 
 def fit(config, overrides=None):
@@ -40,7 +41,7 @@ def test_mlp_shapes():
 
 def stop_when(monkeypatch, should_stop):
     """Send ourselves SIGTERM when should_stop(epoch, batch) first holds, as a cluster scheduler would."""
-    real = training.Run.log
+    real = record.Run.log
     step = {'batch': 0}
 
     def hook(module, args):
@@ -52,7 +53,7 @@ def stop_when(monkeypatch, should_stop):
         real(self, metrics, step)
         if should_stop(step, None):
             signal.raise_signal(signal.SIGTERM)
-    monkeypatch.setattr(training.Run, 'log', log)
+    monkeypatch.setattr(record.Run, 'log', log)
     return hook
 
 
@@ -119,14 +120,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(config):
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / 'last.pt')
-    training.save_checkpoint(path, {'model': {}, 'n': 1})
+    record.save_checkpoint(path, {'model': {}, 'n': 1})
 
     def crash(obj, f):
         f.write(b'half a checkpoint')
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(OSError):
-        training.save_checkpoint(path, {'model': {}, 'n': 2})
+        record.save_checkpoint(path, {'model': {}, 'n': 2})
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)['n'] == 1
 

@@ -1,0 +1,273 @@
+"""Exercise 2.2: network surgery (exact for the MLP, what holds for the CNN), canvases, decoding,
+the metric wiring on known cases, bad input as one line, and a smoke run of the whole script on
+a tiny synthetic MNIST. CPU, offline, seconds."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import detect
+import exercise_2_2 as ex22
+from config import UserError, cli
+from conftest import write_mnist
+from models import CNN, MLP, SkipMLP
+
+
+def randomize_bn(model):
+    """Eval-mode BatchNorm with non-trivial statistics, so the surgery is tested on a real affine map."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Surgery
+
+def test_mlp_surgery_is_exact_at_every_position():
+    torch.manual_seed(0)
+    mlp = MLP(784, [64, 32], 10, dropout=0.2).eval()
+    fcn = detect.fully_convolutionalize(mlp, (1, 28, 28))
+    assert fcn.geometry == detect.Geometry(stride=1, receptive_field=28, offset=0, window=28)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert (fcn(x)[:, :, 0, 0] - mlp(x)).abs().max() <= 1e-5      # one crop: the classifier's logits
+        canvas = torch.randn(2, 1, 36, 41)
+        out = fcn(canvas)                                              # (2, 10, 9, 14)
+        crops = canvas.unfold(2, 28, 1).unfold(3, 28, 1)               # (2, 1, 9, 14, 28, 28): every crop
+        ref = mlp(crops.permute(0, 2, 3, 1, 4, 5).reshape(-1, 1, 28, 28)).view(2, 9, 14, 10).permute(0, 3, 1, 2)
+    assert out.shape == (2, 10, 9, 14) and (out - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize('depth,variant', [(0, 'plain'), (1, 'residual')])
+def test_cnn_surgery_exact_on_a_crop_local_and_stride_equivariant(depth, variant):
+    torch.manual_seed(0)
+    cnn = randomize_bn(CNN(1, 10, [4, 8, 16], depth=depth, variant=variant))
+    fcn = detect.fully_convolutionalize(cnn, (1, 28, 28))
+    g = fcn.geometry
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert (fcn(x)[:, :, 0, 0] - cnn(x)).abs().max() <= 1e-5        # the GAP of one crop, exactly
+    assert g.stride == 8 and g.window == 28                            # three MaxPool(2)
+
+    # locality, exact: output (i, j) does not move when every pixel outside its receptive field does,
+    # and the receptive field is tight: its edge pixels do reach it (union over a batch of inputs)
+    i = j = -(g.offset // g.stride)                                   # the first position whose field is inside
+    lo, hi = g.offset + g.stride * i, g.offset + g.stride * i + g.receptive_field
+    size = hi + 5
+    canvas = torch.randn(16, 1, size, size, requires_grad=True)
+    fcn(canvas)[:, :, i, j].sum().backward()
+    support = canvas.grad.abs().sum((0, 1)) > 0                        # (size, size)
+    rows = torch.nonzero(support.any(1))[:, 0]
+    cols = torch.nonzero(support.any(0))[:, 0]
+    assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (lo, hi, lo, hi)
+    with torch.no_grad():
+        outside = canvas.detach().clone()
+        noise = torch.randn_like(outside)
+        noise[:, :, lo:hi, lo:hi] = 0
+        assert torch.equal(fcn(outside + noise)[:, :, i, j], fcn(outside)[:, :, i, j])
+
+        # stride equivariance, exact away from the border: content moved by one stride moves the map by one
+        big = torch.randn(2, 1, 120, 120)
+        a, b = fcn(big[:, :, 8:, 8:]), fcn(big)
+        inner = slice(-g.offset // g.stride + 1, -(g.receptive_field // g.stride + 1))
+        assert torch.allclose(a[:, :, inner, inner], b[:, :, 1:, 1:][:, :, inner, inner], atol=1e-5)
+
+
+def test_models_that_cannot_be_converted_are_one_line():
+    for model, shape in ((SkipMLP(784, [16, 16], 10), (1, 28, 28)), (MLP(64, [16], 10), (1, 28, 28)),
+                         (CNN(3, 10, [4, 8, 16], depth=0), (1, 28, 28))):
+        with pytest.raises(UserError) as e:
+            detect.fully_convolutionalize(model, shape)
+        assert '\n' not in str(e.value)
+    assert 'SkipMLP' in str(pytest.raises(UserError, detect.fully_convolutionalize,
+                                          SkipMLP(784, [16], 10), (1, 28, 28)).value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Canvases
+
+def split_images(n=40, seed=0):
+    """(x uint8 (n, 1, 28, 28), y): a blob of ink at a random size in the middle of each image."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 1, 28, 28), np.uint8)
+    for k in range(n):
+        h, w = rng.integers(6, 22, 2)
+        t, l = (28 - h) // 2, (28 - w) // 2
+        x[k, 0, t:t + h, l:l + w] = rng.integers(100, 256)
+        x[k, 0, t, l] = 20                                             # faint: below the ink threshold
+    return torch.from_numpy(x), torch.from_numpy(rng.integers(0, 10, n))
+
+
+def test_canvases_are_seeded_real_images_with_tight_separate_ink_boxes():
+    x, y = split_images()
+    cv = detect.make_canvases(x, y, 12, [0, 0], canvas_size=80, objects=[3, 4], min_gap=2, ink_threshold=32)
+    again = detect.make_canvases(x, y, 12, [0, 0], canvas_size=80, objects=[3, 4], min_gap=2, ink_threshold=32)
+    other = detect.make_canvases(x, y, 12, [0, 1], canvas_size=80, objects=[3, 4], min_gap=2, ink_threshold=32)
+    assert torch.equal(cv.images, again.images) and not torch.equal(cv.images, other.images)
+    assert cv.images.dtype == torch.uint8 and cv.images.shape == (12, 1, 80, 80)
+    for k in range(len(cv)):
+        img, boxes = cv.images[k, 0], cv.boxes[k].long()
+        assert 3 <= len(boxes) <= 4 and torch.equal(cv.labels[k], y[cv.sources[k]])
+        covered = torch.zeros_like(img, dtype=torch.bool)
+        for b, src, (cy, cx) in zip(boxes.tolist(), cv.sources[k].tolist(), cv.centres[k].tolist()):
+            x0, y0, x1, y1 = b
+            patch = img[y0:y1, x0:x1]
+            assert detect.ink_box(patch.numpy(), 32) == (0, 0, y1 - y0, x1 - x0)   # tight around the ink
+            ref = x[src, 0]
+            ry0, rx0, ry1, rx1 = detect.ink_box(ref.numpy(), 32)
+            assert torch.equal(patch, ref[ry0:ry1, rx0:rx1])                     # the real image, unscaled
+            assert (cy - 14, cx - 14) == (y0 - ry0, x0 - rx0)                   # centre of the placed image
+            covered[y0:y1, x0:x1] = True
+        assert not (img[~covered] > 32).any()                                   # no ink outside the boxes
+        for a in range(len(boxes)):                                             # gaps of >= 2 px
+            for b in range(a + 1, len(boxes)):
+                p, q = boxes[a], boxes[b]
+                assert p[2] + 2 <= q[0] or q[2] + 2 <= p[0] or p[3] + 2 <= q[1] or q[3] + 2 <= p[1]
+    jitter = detect.make_canvases(x, y, 6, [0, 0], canvas_size=100, objects=[3, 3], object_size=[20, 36])
+    sizes = torch.cat([b[:, 2] - b[:, 0] for b in jitter.boxes])
+    assert sizes.max() > 22                                                     # some images were scaled up
+
+
+def test_a_canvas_too_small_is_one_line():
+    x, y = split_images()
+    with pytest.raises(UserError) as e:
+        detect.make_canvases(x, y, 2, 0, canvas_size=50, objects=[3, 6])
+    assert '\n' not in str(e.value) and '--canvas_size 88' in str(e.value)
+
+
+def test_background_crops_follow_the_label_rule():
+    x, y = split_images()
+    cv = detect.make_canvases(x, y, 10, [0, 0], canvas_size=100, objects=[3, 6])
+    crops, labels = detect.background_crops(cv, 28, max_shift=4, random_per_canvas=3, seed=0)
+    n_obj = sum(len(b) for b in cv.boxes)
+    assert crops.shape == (2 * n_obj + 3 * 10, 1, 28, 28) and crops.dtype == torch.uint8
+    k, first = 0, 0                                                  # crops of canvas 0: positive, off-centre, ...
+    for o in range(len(cv.boxes[k])):
+        assert labels[first + 2 * o] == cv.labels[k][o]             # the centred one: the object's class
+    assert (labels == 10).sum() >= n_obj                             # off-centre ones (and most random ones)
+    assert set(labels.tolist()) <= set(range(11))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and metrics
+
+def test_decode_maps_peaks_back_to_exact_ink_boxes():
+    x, y = split_images()
+    cv = detect.make_canvases(x, y, 1, [3, 0], canvas_size=100, objects=[4, 4])
+    g = detect.Geometry(stride=8, receptive_field=38, offset=-7, window=28)
+    probs = torch.zeros(11, 10, 10)
+    probs[10] = 1.0                                                    # background everywhere
+    for (cy, cx), c in zip(cv.centres[0].tolist(), cv.labels[0].tolist()):
+        i, j = round((cy - 14) / 8), round((cx - 14) / 8)              # the crop nearest each object
+        probs[:, i, j] = 0
+        probs[c, i, j] = 0.9
+        if j + 1 < 10 and probs[10, i, j + 1] == 1:                  # a weaker duplicate next to it
+            probs[:, i, j + 1] = 0
+            probs[c, i, j + 1] = 0.6
+    probs[3, 0, 9] = 0.95 if not (cv.images[0, 0, :28, 72:] > 32).any() else 0  # a peak on empty black
+    out = detect.decode(probs, cv.images[0, 0].numpy(), g, num_objects=10, threshold=0.5, nms_iou=0.3,
+                        ink_threshold=32, margin=4)
+    order = torch.argsort(out['boxes'][:, 0] * 1000 + out['boxes'][:, 1])
+    ref = torch.argsort(cv.boxes[0][:, 0] * 1000 + cv.boxes[0][:, 1])
+    assert torch.equal(out['boxes'][order], cv.boxes[0][ref])          # exact ink boxes, duplicates gone
+    assert torch.equal(out['labels'][order], cv.labels[0][ref])
+    assert (out['scores'] == 0.9).all()
+    high = detect.decode(probs, cv.images[0, 0].numpy(), g, 10, 0.95, 0.3, 32, 4)
+    assert len(high['boxes']) == 0                                     # nothing above 0.95 with ink
+
+
+def test_metric_wiring_on_known_cases():
+    boxes = torch.tensor([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10]], dtype=torch.float)
+    target = [{'boxes': boxes, 'labels': torch.zeros(4, dtype=torch.long)}]
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    perfect = [{'boxes': boxes.clone(), 'scores': scores, 'labels': torch.zeros(4, dtype=torch.long)}]
+    m = detect.coco_metrics(perfect, target)
+    assert (m['map_50'], m['map'], m['mar_100']) == (1.0, 1.0, 1.0)
+    assert detect.prf_at(*detect.match(perfect, target), 0.5) == {'precision': 1.0, 'recall': 1.0, 'f1': 1.0}
+
+    off = [{**perfect[0], 'boxes': boxes.clone()}]
+    off[0]['boxes'][3] += torch.tensor([100., 0, 100, 0])             # the lowest-scored box misses entirely
+    m = detect.coco_metrics(off, target)
+    # COCO AP: 101 recall points; precision 1 up to recall 0.75 (76 points), 0 after
+    assert m['map_50'] == pytest.approx(76 / 101, abs=1e-6) and m['map'] == pytest.approx(76 / 101, abs=1e-6)
+    assert m['mar_100'] == pytest.approx(0.75, abs=1e-6)
+    assert detect.prf_at(*detect.match(off, target), 0.5) == pytest.approx(
+        {'precision': 0.75, 'recall': 0.75, 'f1': 0.75})
+
+    shifted = [{**perfect[0], 'boxes': boxes.clone()}]
+    shifted[0]['boxes'][3] += torch.tensor([2., 0, 2, 0])             # IoU 80/120 = 0.667: a hit up to 0.65
+    m = detect.coco_metrics(shifted, target)
+    assert m['map_50'] == 1.0
+    assert m['map'] == pytest.approx((4 * 1 + 6 * 76 / 101) / 10, abs=1e-6)   # 4 of 10 IoU thresholds pass
+
+
+def test_threshold_choice_and_counts():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    tp = np.array([True, True, False, True, False])
+    assert detect.best_threshold(scores, tp, n_gt=3) == 0.6            # P 3/4, R 1 -> F1 0.857, the best
+    curve = detect.pr_curve(scores, tp, 3)
+    assert curve['recall'].tolist() == pytest.approx([1 / 3, 2 / 3, 2 / 3, 1, 1])
+    preds = [{'scores': torch.tensor([0.9, 0.4])}, {'scores': torch.tensor([0.8])}]
+    targets = [{'boxes': torch.zeros(1, 4)}, {'boxes': torch.zeros(2, 4)}]
+    assert detect.count_accuracy(preds, targets, 0.5) == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# The script
+
+TINY = ['--epochs', '1', '--max_steps', '2', '--finetune_epochs', '1', '--finetune_canvases', '12',
+        '--test_canvases', '4', '--val_canvases', '3', '--widths', '[4,8,16]', '--wandb', 'off', '--device', 'cpu',
+        '--figure_canvases', '2']
+
+
+@pytest.fixture(scope='module')
+def tiny_mnist(tmp_path_factory):
+    return write_mnist(str(tmp_path_factory.mktemp('ex22') / 'data'), n_train=200, n_test=60)
+
+
+def test_smoke_run_writes_results_figures_and_reuses_its_stages(tiny_mnist, tmp_path, capsys):
+    runs, assets = str(tmp_path / 'runs'), str(tmp_path / 'assets')
+    args = ['--data_dir', tiny_mnist, '--runs_dir', runs, '--assets_dir', assets, *TINY]
+    cli(ex22.main, ex22.config, [*args, '--run_name', 'first'])
+    with open(os.path.join(runs, 'exercise_2_2', 'first', 'results.json')) as f:
+        results = json.load(f)
+    assert set(results['tracks']) == {'zero_shot', 'background'}
+    for m in results['tracks'].values():
+        assert {'map_50', 'map', 'mar_100', 'precision', 'recall', 'f1', 'count_acc', 'ms_per_canvas'} <= set(m)
+        assert 0 <= m['map'] <= m['map_50'] <= 1 and m['threshold_from'].endswith('val-split canvases')
+        assert m['surgery']['max_abs_diff_on_crops'] <= 1e-4 and m['geometry']['stride'] == 8
+    assert results['canvases']['test'] == {'split': 'test', 'n': 4, 'seed': [0, 0],
+                                           'objects': results['tracks']['zero_shot']['objects']}
+    for name in ('detections', 'score_maps', 'pr_curve'):
+        assert os.path.exists(os.path.join(runs, 'exercise_2_2', 'first', f'{name}.png'))
+        assert os.path.exists(os.path.join(assets, f'ex22_{name}.png'))
+    stages = sorted(os.listdir(os.path.join(runs, 'exercise_2_2')))
+    assert [s.split('-')[0] for s in stages] == ['background', 'classifier', 'first']
+    capsys.readouterr()
+
+    cli(ex22.main, ex22.config, [*args, '--run_name', 'second', '--assets', 'false'])  # same stages: reused
+    printed = capsys.readouterr().out
+    assert 'classifier: reusing' in printed and 'background: reusing' in printed
+    assert len(os.listdir(os.path.join(runs, 'exercise_2_2'))) == 4
+
+
+def test_bad_input_is_one_line(tiny_mnist, tmp_path, capsys):
+    skip = tmp_path / 'skip.pt'
+    model = SkipMLP(784, [16, 16], 10)
+    torch.save({'model': model.state_dict(), 'model_class': 'SkipMLP', 'model_args': model.args,
+                'config': {**ex22.config, 'dataset': 'mnist'}}, skip)
+    for argv, words in ((['--checkpoint', str(skip)], 'SkipMLP cannot be fully convolutionalized'),
+                        (['--canvas_size', '50'], 'cannot surely hold 6 images')):
+        with pytest.raises(SystemExit) as e:
+            cli(ex22.main, ex22.config, [*argv, '--data_dir', tiny_mnist, '--runs_dir', str(tmp_path / 'runs'),
+                                         *TINY])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and words in err and err.count('\n') == 1 and 'Traceback' not in err
+    assert not os.path.exists(tmp_path / 'runs')                      # refused before anything was written
