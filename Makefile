@@ -1,11 +1,14 @@
-# The two commands of the README. `make` alone prints this list.
+# The README's commands. `make` alone prints this list. PYTHON picks the interpreter
+# (default: python3 on PATH, i.e. your activated virtual environment).
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install -q -r requirements.txt
 
-.PHONY: help install run test
+.PHONY: help install run offline test gpu-check
 help:
-	@echo "make run    install dependencies, then run exercise 1.1 (MLP on MNIST)"
-	@echo "make test   install dependencies, then run the test suite (CPU, offline)"
+	@echo "make run        install dependencies, then run exercise 1.1 (MLP on MNIST; downloads MNIST)"
+	@echo "make offline    install dependencies, then run exercise 1.1 on the bundled digits (no download)"
+	@echo "make test       install dependencies, then run the test suite (CPU, offline)"
+	@echo "make gpu-check  on a CUDA machine: smoke-run every exercise and benchmark the 1.3 default"
 
 install:
 	$(PIP)
@@ -16,5 +19,11 @@ install:
 run: install
 	$(PYTHON) exercise_1_1.py $(ARGS)
 
+offline: install
+	$(PYTHON) exercise_1_1.py --dataset digits $(ARGS)
+
 test: install
 	$(PYTHON) -m pytest -q tests
+
+gpu-check: install
+	$(PYTHON) bench/gpu_check.py $(ARGS)

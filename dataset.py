@@ -116,6 +116,9 @@ def _find(raw_dir: str, stem: str) -> str | None:
     return None
 
 
+OFFLINE_HINT = "Offline? --dataset digits trains on scikit-learn's bundled digits with no download."
+
+
 def _download(dataset_cls, raw_dir: str, missing: list[str]) -> None:
     """torchvision's download with MD5 check, trying each mirror; a clear error when offline."""
     from torchvision.datasets.utils import download_url
@@ -129,8 +132,9 @@ def _download(dataset_cls, raw_dir: str, missing: list[str]) -> None:
                 error = e
         else:
             raise UserError(
-                f"could not download {', '.join(m + '.gz' for m in missing)} into {raw_dir} "
-                f"({type(error).__name__}); copy the files there by hand or go online")
+                f"could not download {', '.join(m + '.gz' for m in missing)} from {dataset_cls.mirrors[0]} "
+                f"({type(error).__name__}). Put them in {raw_dir}, or point --data_dir (or $DLA_DATA) at a folder "
+                f"holding {dataset_cls.__name__}/raw/. {OFFLINE_HINT}")
 
 
 def load_idx_dataset(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -211,8 +215,9 @@ def load_cifar10(data_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
         try:  # md5-checked; extracts into data_dir/cifar-10-batches-py/
             download_and_extract_archive(CIFAR10.url, data_dir, filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
         except Exception as e:  # noqa: BLE001 - offline, proxy, bad checksum: one clear line
-            raise UserError(f"could not download {CIFAR10.url} for {', '.join(missing)} in {folder} "
-                            f"({type(e).__name__}); copy the files there by hand or go online") from None
+            raise UserError(f"could not download {CIFAR10.url} ({type(e).__name__}). Unpack it into {data_dir} "
+                            f"(it holds {CIFAR10.base_folder}/), or point --data_dir (or $DLA_DATA) at a folder "
+                            f"holding {CIFAR10.base_folder}/. {OFFLINE_HINT}") from None
     out = {}
     for split, files in CIFAR_BATCHES.items():
         xs, ys = [], []

@@ -83,20 +83,43 @@ def pyplot():
     return plt
 
 
-def plot_curves(history: list[dict]):
+def integer_ticks(ax) -> None:
+    """Whole numbers on the x axis (epochs): no 1.2, 1.4 on short runs."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plain_log_labels(ax) -> None:
+    """A log y axis labelled 0.3, 0.5, 1 rather than 3x10^-1."""
+    from matplotlib.ticker import FormatStrFormatter
+    ax.yaxis.set_major_formatter(FormatStrFormatter('%.2g'))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter('%.2g'))
+
+
+def plot_curves(history: list[dict], config: dict | None = None, title: str = ''):
+    """Loss (log axis) and accuracy per epoch for train and val. The train curve is the running
+    mean during the epoch, with whatever regularisers `config` turned on: the legend says which."""
     plt = pyplot()
+    config = config or {}
+    on = [name for name, key in (('dropout', 'dropout'), ('label smoothing', 'label_smoothing'),
+                                 ('augmentation', 'augment')) if config.get(key)]
+    train_label = 'train (running mean' + (f', {" and ".join(on)} on)' if on else ')')
     epochs = [h['epoch'] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric in zip(axes, ('loss', 'acc')):
-        for split in ('train', 'val'):
-            label = 'train (running, dropout and label smoothing on)' if split == 'train' else 'val'
+        for split, label in (('train', train_label), ('val', 'val (eval mode)')):
             ax.plot(epochs, [h[f'{split}/{metric}'] for h in history], marker='.', label=label)
         ax.set_xlabel('epoch')
-        ax.set_ylabel(metric)
+        ax.set_ylabel({'loss': 'cross-entropy (log)', 'acc': 'accuracy'}[metric])
         ax.grid(alpha=0.3)
-        ax.legend()
+        integer_ticks(ax)
     axes[0].set_yscale('log')
-    fig.tight_layout()
+    plain_log_labels(axes[0])
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='lower center', ncol=2, frameon=False)  # below the plots: covers no line
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
 
@@ -143,7 +166,7 @@ def report(run: Run, model: nn.Module, data: Data, history: list[dict]) -> dict:
         return results
     write_json(run.path('results.json'), results)
     run.log({'test/acc': test['acc'], 'test/loss': test['loss']}, step=len(history))
-    run.log_figure('curves', plot_curves(history))
+    run.log_figure('curves', plot_curves(history, run.config, f"{run.exercise}: {run.name}"))
     run.log_figure('confusion', plot_confusion(test['confusion'], data.classes,
                                                f"{data.name} test, acc {100 * test['acc']:.2f}%"))
     print(f"test acc {100 * test['acc']:.2f}% (loss {test['loss']:.4f}) with best.pt from epoch "

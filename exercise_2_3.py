@@ -139,12 +139,16 @@ def faithfulness_table(model: nn.Module, x: Tensor, layer: nn.Module, fc: nn.Lin
     table = {m: {k: v / len(x) for k, v in sums[m].items()} for m in names}
     for m in METHODS:
         for base in BASELINES:
-            # rounded: a tie (same count of images, say) must not "win" on float summation noise
-            ours, theirs = ({k: round(t[k], 6) for k in BETTER} for t in (table[m], table[base]))
-            table[m][f'beats_{base}'] = {k: ours[k] < theirs[k] if better == 'lower' else ours[k] > theirs[k]
-                                         for k, better in BETTER.items()}
+            table[m][f'beats_{base}'] = beats(table[m], table[base])
     curves = {m: {kind: (c / len(x)).tolist() for kind, c in cs.items()} for m, cs in curves.items()}
     return table, curves
+
+
+def beats(ours: dict, theirs: dict) -> dict[str, bool]:
+    """{metric: whether `ours` is strictly better than `theirs`}, each metric in its BETTER direction.
+    Rounded first: a tie (the same count of images, say) must not "win" on float summation noise."""
+    ours, theirs = ({k: round(t[k], 6) for k in BETTER} for t in (ours, theirs))
+    return {k: ours[k] < theirs[k] if better == 'lower' else ours[k] > theirs[k] for k, better in BETTER.items()}
 
 
 def pick_examples(y: Tensor, pred: Tensor, n_correct: int, n_wrong: int, num_classes: int) -> dict[str, list[int]]:
@@ -177,36 +181,38 @@ def print_table(title: str, table: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Figures
 
-def plot_maps(images: Tensor, maps: dict[str, Tensor], probs: Tensor, y: Tensor, classes: list[str], title: str):
-    """One row per image: the image (true, predicted, top-3 probabilities), then map and overlay of
-    each method. images uint8 (B, C, H, W), maps {method: (B, H, W)}, probs (B, n), all on the CPU."""
+def plot_maps(images: Tensor, maps: dict[str, Tensor], probs: Tensor, y: Tensor, classes: list[str], title: str,
+              per_row: int = 2):
+    """`per_row` images per row (the examples of one class side by side), each as a group: the image
+    (true and predicted class, p of the prediction), then each method's map over it. images uint8
+    (B, C, H, W), maps {method: (B, H, W)}, probs (B, n), all on the CPU."""
     plt = pyplot()
-    b, cols = len(images), 1 + 2 * len(maps)
-    height = 2.3 * b + 0.4  # inches: room for two title lines above and three label lines below each image
-    fig, axes = plt.subplots(b, cols, figsize=(1.45 * cols, height), squeeze=False)
+    b, group = len(images), 1 + len(maps)
+    rows, cols = -(-b // per_row), per_row * group
+    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols, 1.45 * rows + 0.5), squeeze=False,
+                             layout='constrained')  # constrained: the title never overlaps the headers
+    for ax in axes.flat:
+        ax.set_axis_off()
     for i in range(b):
+        row, first = i // per_row, (i % per_row) * group
         img = images[i]
-        rgb = img.expand(3, -1, -1)  # overlay wants 3 channels; grey images are repeated
-        ax = axes[i, 0]
+        ax = axes[row, first]
         if img.shape[0] == 1:
             ax.imshow(img[0].numpy(), cmap='gray', vmin=0, vmax=255)
         else:
             ax.imshow(img.permute(1, 2, 0).numpy())  # (C, H, W) -> (H, W, C)
-        p, top = probs[i].topk(min(3, probs.shape[1]))
-        right = top[0].item() == y[i].item()
-        ax.set_title(f"true {classes[y[i]]}\npred {classes[top[0]]}", fontsize=7, color='green' if right else 'red')
-        ax.set_xlabel('\n'.join(f"{classes[c]} {v:.2f}" for v, c in zip(p.tolist(), top.tolist())), fontsize=6)
+        pred = int(probs[i].argmax())
+        right = pred == int(y[i])
+        ax.set_title(f"{classes[y[i]]}" + ('' if right else f"\n→ {classes[pred]}") + f" {probs[i, pred]:.2f}",
+                     fontsize=7, color='green' if right else 'red')
+        rgb = img.expand(3, -1, -1)  # overlay wants 3 channels; grey images are repeated
         for j, (name, m) in enumerate(maps.items()):
-            axes[i, 1 + 2 * j].imshow(m[i].numpy(), cmap='jet', vmin=0, vmax=1)
-            axes[i, 2 + 2 * j].imshow(overlay(rgb, m[i]))
-            if i == 0:
-                axes[i, 1 + 2 * j].set_title(f"{LABELS[name]}\nmap", fontsize=8)
-                axes[i, 2 + 2 * j].set_title(f"{LABELS[name]}\noverlay", fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height))  # keep the suptitle clear of the column titles
+            ax = axes[row, first + 1 + j]
+            ax.imshow(overlay(rgb, m[i]))
+            if row == 0:
+                ax.set_title(LABELS[name], fontsize=8)
+    fig.suptitle(f"{title}\n(title: true class, → predicted if wrong, p of the prediction; "
+                 f"green right, red wrong; maps of the predicted class)", fontsize=9)
     return fig
 
 

@@ -296,7 +296,7 @@ class Run:
         fresh = self.checkpoint is None
         if fresh and os.path.exists(self.dir):  # only with overwrite (checked in __init__)
             shutil.rmtree(self.dir)
-        os.makedirs(self.path('checkpoints'), exist_ok=True)
+        os.makedirs(self.dir, exist_ok=True)  # checkpoints/ appears with the first checkpoint
         write_json(self.path('config.json'), self.config)
         with open(self.path('command.txt'), 'a') as f:
             f.write(' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\n')

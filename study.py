@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from config import UserError
 from dataset import Data, load_data
-from evaluate import load_model, pyplot, report
+from evaluate import integer_ticks, load_model, plain_log_labels, pyplot, report
 from record import Run, atomic_write, barrier, is_main, load_checkpoint, pick_device, save_figure
 from training import train
 
@@ -239,8 +239,9 @@ def plot_loss_curves(rows: list[dict], title: str = ''):
                     marker='.', label=r['model'])
         ax.set_title(f'depth {depth}')
         ax.set_xlabel('epoch')
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        integer_ticks(ax)
         ax.set_yscale('log')
+        plain_log_labels(ax)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel('train loss')
     axes[0][0].legend()

@@ -197,6 +197,7 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
         """Rank 0 writes (sums: the global partial sums of the epoch so far); the others wait."""
         nonlocal wrote_checkpoint
         if rank == 0:
+            os.makedirs(run.path('checkpoints'), exist_ok=True)
             save_checkpoint(run.path('checkpoints', name), {
                 'model': model.state_dict(), 'model_class': type(model).__name__, 'model_args': model.args,
                 'exercise': run.exercise, 'wandb_id': run.wandb_id, 'world_size': world,

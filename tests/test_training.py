@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import record
 import training
 from config import UserError
 from dataset import load_data
@@ -39,61 +38,6 @@ def test_mlp_shapes():
     assert [m.out_features for m in model.modules() if isinstance(m, nn.Linear)] == [64, 32, 10]
 
 
-def stop_when(monkeypatch, should_stop):
-    """Send ourselves SIGTERM when should_stop(epoch, batch) first holds, as a cluster scheduler would."""
-    real = record.Run.log
-    step = {'batch': 0}
-
-    def hook(module, args):
-        step['batch'] += module.training  # count training steps, not evaluation batches
-        if module.training and should_stop(None, step['batch']):
-            signal.raise_signal(signal.SIGTERM)
-
-    def log(self, metrics, step):
-        real(self, metrics, step)
-        if should_stop(step, None):
-            signal.raise_signal(signal.SIGTERM)
-    monkeypatch.setattr(record.Run, 'log', log)
-    return hook
-
-
-@pytest.mark.parametrize('where', ['after epoch 1', 'mid-epoch 2'])
-def test_resume_after_sigterm_is_bitwise_identical(config, tmp_path, monkeypatch, where):
-    config = {**config, 'subset': 400, 'batch_size': 32, 'epochs': 3, 'dropout': 0.3}
-    reference, run, _ = fit({**config, 'run_name': 'uninterrupted'})
-    run.finish()
-
-    if where == 'after epoch 1':
-        hook = stop_when(monkeypatch, lambda epoch, batch: epoch == 1)
-    else:  # 13 batches per epoch: stop after the 4th batch of epoch 2
-        hook = stop_when(monkeypatch, lambda epoch, batch: batch == 17)
-    run = Run('exercise_1_1', {**config, 'run_name': 'interrupted'}, name='mlp')
-    data = load_data(run.config, run.device)
-    model = MLP(64, config['hidden'], 10, dropout=config['dropout'])
-    model.register_forward_pre_hook(hook)
-    with pytest.raises(SystemExit) as exit_info:
-        train(model, data, run)
-    assert exit_info.value.code == 130
-    monkeypatch.undo()
-    last = os.path.join(run.dir, 'checkpoints', 'last.pt')
-    ckpt = load_checkpoint(last)
-    assert (ckpt['epoch'], ckpt['batch']) == ((1, 0) if where == 'after epoch 1' else (1, 4))
-
-    resumed, run, history = fit({**config, 'run_name': 'interrupted', 'resume': last}, {'resume': last})
-    run.finish()
-    assert [h['epoch'] for h in history] == [1, 2, 3]
-    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-
-
-def test_resume_auto_finds_last_checkpoint(config):
-    _, run, _ = fit({**config, 'epochs': 1})
-    run.finish()
-    run = Run('exercise_1_1', {**config, 'epochs': 2, 'resume': 'auto'}, {'epochs': 2}, name='mlp')
-    assert run.checkpoint is not None and run.checkpoint['epoch'] == 1 and run.config['epochs'] == 2
-    run.finish()
-
-
 class ExplodesAtEpoch2(MLP):
     """An MLP whose loss turns NaN from its 6th training step on."""
     steps = 0
@@ -116,20 +60,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(config):
     ckpt = load_checkpoint(run.path('checkpoints', 'last.pt'))
     assert ckpt['epoch'] == 1 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
     run.finish()
-
-
-def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    path = str(tmp_path / 'last.pt')
-    record.save_checkpoint(path, {'model': {}, 'n': 1})
-
-    def crash(obj, f):
-        f.write(b'half a checkpoint')
-        raise OSError('disk full')
-    monkeypatch.setattr(torch, 'save', crash)
-    with pytest.raises(OSError):
-        record.save_checkpoint(path, {'model': {}, 'n': 2})
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=True)['n'] == 1
 
 
 def test_tensorboard_events_hold_the_logged_scalars(config):
