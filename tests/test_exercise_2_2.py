@@ -182,6 +182,15 @@ def test_decode_maps_peaks_back_to_exact_ink_boxes():
     high = detect.decode(probs, cv.images[0, 0].numpy(), g, 10, 0.95, 0.3, 32, 4)
     assert len(high['boxes']) == 0                                     # nothing above 0.95 with ink
 
+    twice = {k: torch.cat([v, v]) for k, v in out.items()}             # each object also as another class
+    twice['labels'][len(out['labels']):] = (twice['labels'][len(out['labels']):] + 1) % 10
+    twice['scores'][len(out['labels']):] = 0.4
+    from torchvision.ops import batched_nms
+    assert len(batched_nms(twice['boxes'], twice['scores'], twice['labels'], 0.3)) == 2 * len(out['boxes'])  # per class: both
+    one = detect.agnostic_nms(twice, 0.3)                              # one label per object: the higher score
+    assert torch.equal(one['labels'], out['labels']) and torch.equal(one['boxes'], out['boxes'])
+    assert len(detect.agnostic_nms(twice, 1.0)['boxes']) == 2 * len(out['boxes'])
+
 
 def test_metric_wiring_on_known_cases():
     boxes = torch.tensor([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10]], dtype=torch.float)
@@ -232,9 +241,9 @@ def tiny_mnist(tmp_path_factory):
     return write_mnist(str(tmp_path_factory.mktemp('ex22') / 'data'), n_train=200, n_test=60)
 
 
-def test_smoke_run_writes_results_figures_and_reuses_its_stages(tiny_mnist, tmp_path, capsys):
+def test_smoke_run_writes_results_and_figures_and_stages_are_reused(tiny_mnist, tmp_path, capsys):
     runs, assets = str(tmp_path / 'runs'), str(tmp_path / 'assets')
-    args = ['--data_dir', tiny_mnist, '--runs_dir', runs, '--assets_dir', assets, *TINY]
+    args = ['--data_dir', tiny_mnist, '--runs_dir', runs, '--assets', 'true', '--assets_dir', assets, *TINY]
     cli(ex22.main, ex22.config, [*args, '--run_name', 'first'])
     with open(os.path.join(runs, 'exercise_2_2', 'first', 'results.json')) as f:
         results = json.load(f)
@@ -250,12 +259,18 @@ def test_smoke_run_writes_results_figures_and_reuses_its_stages(tiny_mnist, tmp_
         assert os.path.exists(os.path.join(assets, f'ex22_{name}.png'))
     stages = sorted(os.listdir(os.path.join(runs, 'exercise_2_2')))
     assert [s.split('-')[0] for s in stages] == ['background', 'classifier', 'first']
-    capsys.readouterr()
 
-    cli(ex22.main, ex22.config, [*args, '--run_name', 'second', '--assets', 'false'])  # same stages: reused
-    printed = capsys.readouterr().out
-    assert 'classifier: reusing' in printed and 'background: reusing' in printed
-    assert len(os.listdir(os.path.join(runs, 'exercise_2_2'))) == 4
+    # a stage whose identity matches a finished run is reused: nothing is built or trained again
+    from config import parse_args
+    cfg = {**ex22.config, **parse_args(ex22.config, args)}
+    identity = {k: cfg[k] for k in ex22.CLASSIFIER_KEYS}
+    assert f'classifier-mnist-{ex22.digest(identity)}' in stages
+
+    def never(*a):
+        raise AssertionError('a finished stage was trained again')
+    best, results = ex22.train_stage('classifier', cfg, identity, never, never)
+    assert best.endswith('checkpoints/best.pt') and 'test_acc' in results
+    assert 'classifier: reusing' in capsys.readouterr().out
 
 
 def test_bad_input_is_one_line(tiny_mnist, tmp_path, capsys):

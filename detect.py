@@ -1,0 +1,604 @@
+"""Exercise 2.2's machinery: a trained classifier turned into a detector by network surgery.
+
+  fully_convolutionalize(model, input_shape)  the classifier as a conv net with the same weights
+  make_canvases(...)                          seeded test canvases: real images on black, ink boxes
+  background_crops(...)                       11-class crops (class 10 = background) for fine-tuning
+  decode(...)                                 score maps -> peaks -> ink-refined boxes -> per-class NMS
+  agnostic_nms(...)                           one label per object, for the detector's output
+  coco_metrics / match / pr_curve / ...       COCO mAP (torchmetrics) and P / R / F1 at IoU >= 0.5
+  plot_detections / plot_score_maps / plot_pr figures
+
+Coordinates: boxes are xyxy floats in canvas pixels with exclusive ends, so the box of pixel
+columns 3..9 is x1=3, x2=10 (its width is x2 - x1). Ground truth and predictions use one rule.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import models
+from config import UserError
+from evaluate import pyplot
+
+# ---------------------------------------------------------------------------------------------
+# Network surgery
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an output position of a fully convolutional net looks in its input (one axis; square).
+
+    Output (i, j) sees input rows [offset + stride*i, offset + stride*i + receptive_field) (and the
+    same for columns): everything outside cannot change it. It stands for the classifier's view of
+    the `window` x `window` crop whose top-left corner is (stride*i, stride*j): on a window-sized
+    input the net has one output position, the crop at (0, 0), and shifting the input by `stride`
+    shifts the output by one.
+    """
+    stride: int            # input px per output step
+    receptive_field: int   # input px one output position depends on (may exceed window: padding)
+    offset: int            # first input px of output 0's receptive field (< 0: it reaches into padding)
+    window: int            # the classifier's input size (px)
+
+    def windows(self, i: Tensor, j: Tensor) -> Tensor:
+        """Top-left (y, x) of the crops that output positions (i, j) stand for: (D, 2)."""
+        return torch.stack([i, j], 1) * self.stride
+
+
+def _conv_like(m: nn.Module) -> tuple[int, int, int, int] | None:
+    """(kernel, stride, padding, dilation) of a square conv / pooling layer, else None."""
+    if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+        k, s, p = pair(m.kernel_size), pair(m.stride), pair(m.padding)
+        d = pair(getattr(m, 'dilation', 1))
+        if len({k[0], k[1]}) != 1 or s[0] != s[1] or p[0] != p[1] or d[0] != d[1] or isinstance(m.padding, str):
+            raise UserError(f"{m} is not square: receptive field geometry needs square kernels")
+        return k[0], s[0], p[0], d[0]
+    return None
+
+
+POINTWISE = (nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.Identity)
+
+
+def trace_geometry(module: nn.Module, stride: int = 1, rf: int = 1, offset: int = 0) -> tuple[int, int, int]:
+    """(stride, receptive_field, offset) after `module`, from its layers (the usual recursion):
+    a layer with kernel k, stride s, padding p, dilation d seen at input step `stride` grows the
+    receptive field by (d(k-1)) * stride, moves its start by -p * stride and multiplies the step by s.
+    A residual block (torchvision BasicBlock, identity shortcut) has its conv path's geometry."""
+    from torchvision.models.resnet import BasicBlock
+    geo = _conv_like(module)
+    if geo is not None:
+        k, s, p, d = geo
+        return stride * s, rf + d * (k - 1) * stride, offset - p * stride
+    if isinstance(module, POINTWISE):
+        return stride, rf, offset
+    if isinstance(module, BasicBlock):
+        if module.downsample is not None:
+            raise UserError("a BasicBlock with a downsample shortcut is not supported by the geometry trace")
+        children = [module.conv1, module.conv2]
+    elif isinstance(module, nn.Sequential):
+        children = list(module)
+    else:
+        raise UserError(f"cannot trace the receptive field through {type(module).__name__}")
+    for child in children:
+        stride, rf, offset = trace_geometry(child, stride, rf, offset)
+    return stride, rf, offset
+
+
+class FullyConvolutional(nn.Sequential):
+    """A classifier after surgery: (B, C, H, W) -> logits (B, num_classes, H', W'), with .geometry."""
+
+    def __init__(self, layers: list[nn.Module], geometry: Geometry, num_classes: int, source: str):
+        super().__init__(*layers)
+        self.geometry, self.num_classes, self.source = geometry, num_classes, source
+
+
+def _linear_as_conv(linear: nn.Linear, in_channels: int, kernel: tuple[int, int]) -> nn.Conv2d:
+    """A Conv2d computing `linear` on each (in_channels, *kernel) patch, flattened as nn.Flatten does
+    (C, H, W order): the same weights, reshaped, not retrained."""
+    conv = nn.Conv2d(in_channels, linear.out_features, kernel, bias=linear.bias is not None)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.view(linear.out_features, in_channels, *kernel))  # (out, C, kh, kw)
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias)
+    return conv
+
+
+def fully_convolutionalize(model: nn.Module, input_shape: tuple[int, int, int]) -> FullyConvolutional:
+    """The classifier `model` (trained on (C, H, W) = input_shape images, H == W) as a fully
+    convolutional net with the same weights. On an input_shape image its output is (B, n, 1, 1)
+    and equals model(x); on a larger canvas, output (i, j) is the classifier's logits for the crop
+    at (stride*i, stride*j) — exactly for the MLP, approximately for the CNN (see below).
+
+    models.MLP: the first Linear over the flattened C x H x W image becomes an H x W conv (the
+      same weights, viewed as (out, C, H, W)); later Linears become 1x1 convs; ReLU stays, Dropout
+      goes (eval). Stride 1, receptive field H: output (i, j) IS the MLP on that crop.
+    models.CNN: the conv features are kept as they are; the GAP + Linear head becomes the Linear as
+      a 1x1 conv on the final maps (per-cell class scores, i.e. CAMs) followed by a stride-1 average
+      over the h x w cells a training-size input produces (the GAP restricted to one crop's cells).
+      Linear and average commute, so on an input_shape image this is exactly GAP + Linear. On a
+      canvas, a crop at a stride-aligned position gets the same pooling phase but its border convs
+      see the neighbouring pixels instead of the zero padding the classifier saw, so output (i, j)
+      is the classifier on the crop up to that border effect (exact for layers the padding does not
+      reach).
+    Anything else (e.g. SkipMLP, whose residual blocks are not linear maps of local patches) is a
+    UserError.
+    """
+    c, h, w = input_shape
+    if h != w:
+        raise UserError(f"surgery needs square classifier inputs, got {h}x{w}")
+    model = copy.deepcopy(model).cpu().eval()
+    name = type(model).__name__
+    if type(model) is models.CNN:
+        if model.args['in_channels'] != c:
+            raise UserError(f"the CNN takes {model.args['in_channels']}-channel images, the canvases have {c}")
+        features = model.features
+        with torch.no_grad():
+            fh, fw = features(torch.zeros(1, *input_shape)).shape[-2:]  # final maps of one crop, e.g. 3x3
+        fc = model.classifier
+        layers = [features, _linear_as_conv(fc, fc.in_features, (1, 1)), nn.AvgPool2d((fh, fw), stride=1)]
+        n = fc.out_features
+    elif type(model) is models.MLP:
+        if model.args['in_features'] != c * h * w:
+            raise UserError(f"the MLP takes {model.args['in_features']} inputs, not a flattened {c}x{h}x{w} image")
+        layers, channels = [], c
+        kernel = (h, w)
+        for m in list(model.features) + [model.classifier]:
+            if isinstance(m, nn.Flatten):
+                continue
+            if isinstance(m, nn.Linear):
+                layers.append(_linear_as_conv(m, channels, kernel))
+                channels, kernel = m.out_features, (1, 1)
+            elif isinstance(m, nn.ReLU):
+                layers.append(nn.ReLU())
+            elif not isinstance(m, nn.Dropout):  # Dropout is the identity at inference
+                raise UserError(f"cannot convert layer {type(m).__name__} of the MLP")
+        n = model.classifier.out_features
+    else:
+        raise UserError(f"a {name} cannot be fully convolutionalized: only models.CNN (conv features, "
+                        f"GAP + Linear head) and models.MLP (Linear layers over the flattened image) can")
+    net = nn.Sequential(*layers)
+    stride, rf, offset = trace_geometry(net)
+    fcn = FullyConvolutional(layers, Geometry(stride, rf, offset, h), n, name).eval()
+    with torch.no_grad():
+        out = fcn(torch.zeros(1, *input_shape))
+    if out.shape[-2:] != (1, 1):  # the geometry's promise: one crop, one output position
+        raise UserError(f"the converted {name} gives a {tuple(out.shape[-2:])} map on one {h}x{w} crop, not 1x1")
+    return fcn
+
+
+# ---------------------------------------------------------------------------------------------
+# Canvases
+
+
+@dataclass
+class Canvases:
+    """Images on black canvases. Boxes are the tight ink boxes (xyxy, exclusive ends)."""
+    images: Tensor               # (N, 1, S, S) uint8
+    boxes: list[Tensor]          # per canvas (k, 4) float32
+    labels: list[Tensor]         # per canvas (k,) int64
+    centres: list[Tensor]        # per canvas (k, 2) float32: (y, x) centre of each placed image
+    sources: list[Tensor]        # per canvas (k,) int64: index of each image in its split
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def targets(self, i: int) -> dict[str, Tensor]:
+        return {'boxes': self.boxes[i], 'labels': self.labels[i]}
+
+
+def ink_box(img: np.ndarray, ink_threshold: int) -> tuple[int, int, int, int] | None:
+    """(y0, x0, y1, x1), exclusive ends, of the pixels > ink_threshold of a 2-D uint8 image; None if none."""
+    mask = img > ink_threshold
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(rows):
+        return None
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def check_fits(canvas_size: int, objects: list[int], object_size: list[int], min_gap: int) -> None:
+    """UserError unless max(objects) images of max(object_size) px surely fit: a grid of cells of
+    (size + gap) px must have that many cells. (Ink boxes are often smaller, so this is conservative.)"""
+    lo, hi = objects
+    s_lo, s_hi = object_size
+    if not (1 <= lo <= hi) or not (1 <= s_lo <= s_hi) or min_gap < 0:
+        raise UserError(f"--objects and --object_size take [min, max] with 1 <= min <= max, --min_gap >= 0; "
+                        f"got {objects}, {object_size}, {min_gap}")
+    per_row = (canvas_size + min_gap) // (s_hi + min_gap)
+    if per_row * per_row < hi:
+        rows = int(np.ceil(np.sqrt(hi)))
+        need = rows * (s_hi + min_gap) - min_gap
+        raise UserError(f"a {canvas_size}x{canvas_size} canvas cannot surely hold {hi} images of {s_hi} px with "
+                        f"{min_gap} px gaps: use --canvas_size {need} or more, or fewer --objects")
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[0] == size:
+        return img
+    t = torch.from_numpy(img).float()[None, None]
+    t = F.interpolate(t, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+    return t[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def make_canvases(x: np.ndarray | Tensor, y: np.ndarray | Tensor, n: int, seed: int | list[int],
+                  canvas_size: int = 100, objects: list[int] = (3, 6), object_size: list[int] = (28, 28),
+                  min_gap: int = 2, ink_threshold: int = 32) -> Canvases:
+    """n canvases (canvas_size px, black) holding objects[0]..objects[1] images of split (x, y).
+
+    Built in pixel space: each image (uint8 (N, [1,] H, W)) is scaled to a size drawn from
+    object_size (bilinear, antialiased; [28, 28] = no scaling) and put at a uniformly random place
+    inside the canvas where its ink box keeps min_gap px from every other ink box; images are
+    combined by pixel-wise max. Images without ink are never drawn. Deterministic in `seed`.
+    """
+    check_fits(canvas_size, list(objects), list(object_size), min_gap)
+    x = (x.cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)).reshape(len(x), *x.shape[-2:])
+    y = y.cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
+    has_ink = (x > ink_threshold).reshape(len(x), -1).any(1)
+    usable = np.flatnonzero(has_ink)
+    if not len(usable):
+        raise UserError(f"no image of the split has a pixel above ink_threshold {ink_threshold}")
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, 1, canvas_size, canvas_size), np.uint8)
+    out = Canvases(torch.from_numpy(images), [], [], [], [])
+    for k in range(n):
+        for _restart in range(50):
+            canvas, boxes, labels, centres, sources = images[k, 0], [], [], [], []
+            canvas[:] = 0
+            for _ in range(rng.integers(objects[0], objects[1] + 1)):
+                idx = int(usable[rng.integers(len(usable))])
+                img = _resize(x[idx], int(rng.integers(object_size[0], object_size[1] + 1)))
+                s = img.shape[0]
+                y0, x0, y1, x1 = ink_box(img, ink_threshold) or (0, 0, s, s)
+                for _try in range(200):
+                    top, left = rng.integers(0, canvas_size - s + 1, 2)
+                    b = (top + y0, left + x0, top + y1, left + x1)
+                    if all(b[2] + min_gap <= o[0] or o[2] + min_gap <= b[0] or
+                           b[3] + min_gap <= o[1] or o[3] + min_gap <= b[1] for o in boxes):
+                        break
+                else:
+                    break  # no room left: start this canvas again
+                np.maximum(canvas[top:top + s, left:left + s], img, out=canvas[top:top + s, left:left + s])
+                boxes.append(b)
+                labels.append(int(y[idx]))
+                centres.append((top + s / 2, left + s / 2))
+                sources.append(idx)
+            else:
+                break
+        else:
+            raise UserError(f"could not place {objects[1]} images on a {canvas_size}px canvas in 50 attempts; "
+                            f"use a larger --canvas_size or fewer --objects")
+        out.boxes.append(torch.tensor([[b[1], b[0], b[3], b[2]] for b in boxes], dtype=torch.float32).view(-1, 4))
+        out.labels.append(torch.tensor(labels, dtype=torch.int64))
+        out.centres.append(torch.tensor(centres, dtype=torch.float32).view(-1, 2))
+        out.sources.append(torch.tensor(sources, dtype=torch.int64))
+    return out
+
+
+def background_crops(canvases: Canvases, window: int, max_shift: int, random_per_canvas: int,
+                     seed: int | list[int], background: int = 10) -> tuple[Tensor, Tensor]:
+    """Crops of `window` px from canvases, labelled for an (n+1)-way classifier: (x uint8 (M, 1, w, w), y (M,)).
+
+    Per object: one crop centred on it shifted by up to +-max_shift px in y and x (a positive),
+    and one off-centre crop, shifted by more than max_shift (up to 3/4 window: partial views);
+    per canvas, random_per_canvas crops anywhere (often empty or partial). Every crop is labelled
+    by one rule: the class of an object whose centre lies within max_shift px (both axes) of the
+    crop's centre, else `background`. Outside the canvas is black.
+    """
+    rng = np.random.default_rng(seed)
+    pad, half, far = window, window / 2, (3 * window) // 4
+    xs, ys = [], []
+    for k in range(len(canvases)):
+        img = F.pad(canvases.images[k, 0], (pad, pad, pad, pad)).numpy()  # black beyond the canvas
+        size = canvases.images.shape[-1]
+        centres = canvases.centres[k].numpy()
+        corners = []  # top-left (y, x) of each crop, canvas coordinates
+        for cy, cx in centres:
+            corners.append(np.floor([cy - half, cx - half]) + rng.integers(-max_shift, max_shift + 1, 2))
+            while True:
+                d = rng.integers(-far, far + 1, 2)
+                if np.abs(d).max() > max_shift:
+                    break
+            corners.append(np.floor([cy - half, cx - half]) + d)
+        for _ in range(random_per_canvas):
+            corners.append(rng.integers(-int(half), size - int(half) + 1, 2).astype(float))
+        corners = np.asarray(corners, dtype=np.int64).reshape(-1, 2)
+        for t, l in corners:
+            xs.append(img[t + pad:t + pad + window, l + pad:l + pad + window])
+            dist = np.abs(centres - (np.array([t, l]) + half)).max(1) if len(centres) else np.zeros(0)
+            near = np.flatnonzero(dist <= max_shift)
+            ys.append(int(canvases.labels[k][near[dist[near].argmin()]]) if len(near) else background)
+    return torch.from_numpy(np.stack(xs))[:, None], torch.tensor(ys, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Score maps -> detections
+
+
+@torch.no_grad()
+def score_maps(fcn: FullyConvolutional, x: Tensor) -> Tensor:
+    """Softmax class probabilities at every output position: normalised (B, C, H, W) -> (B, n, H', W')."""
+    return fcn(x).softmax(1)
+
+
+def ink_components(canvas: np.ndarray, ink_threshold: int) -> np.ndarray:
+    """Boxes (K, 4) as (y0, x0, y1, x1), exclusive ends, of the 8-connected ink components of a 2-D canvas."""
+    from scipy import ndimage
+    labels, k = ndimage.label(canvas > ink_threshold, structure=np.ones((3, 3), bool))
+    if not k:
+        return np.zeros((0, 4), np.int64)
+    return np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in ndimage.find_objects(labels)])
+
+
+def refine_boxes(windows: np.ndarray, window: int, canvas: np.ndarray, ink_threshold: int,
+                 margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (D, 4) xyxy for detection windows with top-left (y, x) (D, 2), and a keep mask (D,).
+
+    A box is the union of the ink components lying wholly inside the window grown by `margin` px
+    (an object up to `margin` px off the window's grid position is still whole inside); if none
+    is, the ink box of the window itself; a window with no ink is dropped."""
+    comps = ink_components(canvas, ink_threshold)                    # (K, 4) y0 x0 y1 x1
+    lo = windows - margin                                            # (D, 2)
+    hi = windows + window + margin
+    inside = ((comps[None, :, 0] >= lo[:, None, 0]) & (comps[None, :, 1] >= lo[:, None, 1]) &
+              (comps[None, :, 2] <= hi[:, None, 0]) & (comps[None, :, 3] <= hi[:, None, 1]))  # (D, K)
+    big = np.iinfo(np.int64).max
+    y0 = np.where(inside, comps[None, :, 0], big).min(1, initial=big)
+    x0 = np.where(inside, comps[None, :, 1], big).min(1, initial=big)
+    y1 = np.where(inside, comps[None, :, 2], -1).max(1, initial=-1)
+    x1 = np.where(inside, comps[None, :, 3], -1).max(1, initial=-1)
+    boxes = np.stack([x0, y0, x1, y1], 1)
+    keep = inside.any(1)
+    for d in np.flatnonzero(~keep):                                  # no whole component: clip to the window
+        t, l = np.maximum(windows[d], 0)
+        b = ink_box(canvas[t:windows[d, 0] + window, l:windows[d, 1] + window], ink_threshold)
+        if b is not None:
+            boxes[d] = (l + b[1], t + b[0], l + b[3], t + b[2])
+            keep[d] = True
+    return boxes, keep
+
+
+def decode(probs: Tensor, canvas: np.ndarray, geometry: Geometry, num_objects: int, threshold: float,
+           nms_iou: float, ink_threshold: int, margin: int) -> dict[str, Tensor]:
+    """Detections of one canvas from its score maps (n, H', W'): per class (the first num_objects
+    maps; an 11th background map only competes through the softmax), the local maxima (3x3) with
+    score >= threshold; each maps back to its crop (geometry), is refined to the ink in it
+    (refine_boxes), and per-class NMS (torchvision batched_nms, IoU > nms_iou) removes duplicates.
+    Returns {'boxes' (D, 4) xyxy, 'scores' (D,), 'labels' (D,)}, highest score first."""
+    from torchvision.ops import batched_nms
+    s = probs[:num_objects]                                                      # (K, H', W')
+    peak = (s == F.max_pool2d(s[None], 3, stride=1, padding=1)[0]) & (s >= threshold)
+    c, i, j = peak.nonzero(as_tuple=True)
+    scores = s[c, i, j]
+    windows = geometry.windows(i, j).numpy()                                     # (D, 2) y, x
+    boxes, keep = refine_boxes(windows, geometry.window, canvas, ink_threshold, margin)
+    boxes = torch.from_numpy(boxes[keep]).float()
+    scores, labels = scores[torch.from_numpy(keep)], c[torch.from_numpy(keep)]
+    order = batched_nms(boxes, scores, labels, nms_iou)                          # sorted by score
+    return {'boxes': boxes[order], 'scores': scores[order], 'labels': labels[order]}
+
+
+def detect(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, std: Tensor, num_objects: int,
+           threshold: float, nms_iou: float, ink_threshold: int, margin: int, batch_size: int = 64,
+           ) -> tuple[list[dict[str, Tensor]], Tensor]:
+    """Detections for every canvas (batched forward), and the score maps of the first canvas."""
+    out, first = [], None
+    for start in range(0, len(canvases), batch_size):
+        imgs = canvases.images[start:start + batch_size]
+        probs = score_maps(fcn, (imgs.float() / 255 - mean) / std)
+        first = probs[0] if first is None else first
+        for k in range(len(imgs)):
+            out.append(decode(probs[k], imgs[k, 0].numpy(), fcn.geometry, num_objects, threshold, nms_iou,
+                              ink_threshold, margin))
+    return out, first
+
+
+def agnostic_nms(pred: dict[str, Tensor], iou: float) -> dict[str, Tensor]:
+    """One label per object: class-agnostic NMS over one canvas's detections (objects never overlap,
+    so two boxes with IoU > iou are one object). iou >= 1 keeps everything. Like NMS before it, this
+    commutes with a later score threshold, so one pass serves every threshold."""
+    if iou >= 1 or not len(pred['boxes']):
+        return pred
+    from torchvision.ops import nms
+    keep = nms(pred['boxes'], pred['scores'], iou)
+    return {k: v[keep] for k, v in pred.items()}
+
+
+@torch.no_grad()
+def time_per_canvas(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, std: Tensor, num_objects: int,
+                    threshold: float, nms_iou: float, ink_threshold: int, margin: int, agnostic_iou: float = 1.0,
+                    threads: int = 1) -> float:
+    """Median ms to detect on one canvas (uint8 in, boxes out: normalise, forward, decode, agnostic NMS), batch 1,
+    with `threads` torch threads, after 5 warm-up canvases. The median resists other jobs' bursts."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        times = []
+        for k in range(-5, len(canvases)):
+            img = canvases.images[max(k, 0)]
+            t0 = time.perf_counter()
+            probs = score_maps(fcn, (img[None].float() / 255 - mean) / std)[0]
+            agnostic_nms(decode(probs, img[0].numpy(), fcn.geometry, num_objects, threshold, nms_iou, ink_threshold,
+                                margin), agnostic_iou)
+            if k >= 0:
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return 1000 * float(np.median(times))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def coco_metrics(preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> dict[str, float]:
+    """COCO mAP@0.5, mAP@[.5:.95] and mAR@100 (torchmetrics MeanAveragePrecision, faster-coco-eval
+    backend, or pycocotools if that is what is installed), over all classes present."""
+    from torchmetrics.detection import MeanAveragePrecision
+    try:
+        import faster_coco_eval  # noqa: F401
+        backend = 'faster_coco_eval'
+    except ImportError:
+        backend = 'pycocotools'
+    metric = MeanAveragePrecision(box_format='xyxy', iou_type='bbox', backend=backend)
+    metric.update(preds, targets)
+    r = metric.compute()
+    return {'map_50': float(r['map_50']), 'map': float(r['map']), 'mar_100': float(r['mar_100']),
+            'coco_backend': backend}
+
+
+def match(preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]],
+          iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
+    """Greedy COCO-style matching: per canvas and class, detections in score order each take the
+    unmatched ground-truth box of that class with the highest IoU >= iou. Returns (scores (D,),
+    true-positive flags (D,), number of ground-truth boxes). A detection's flag does not depend on
+    lower-scored ones, so one matching serves every score threshold."""
+    from torchvision.ops import box_iou
+    scores, tps, n_gt = [], [], 0
+    for p, t in zip(preds, targets):
+        n_gt += len(t['boxes'])
+        ious = box_iou(p['boxes'], t['boxes']) if len(p['boxes']) and len(t['boxes']) else None
+        taken = np.zeros(len(t['boxes']), bool)
+        for d in torch.argsort(p['scores'], descending=True, stable=True).tolist():
+            hit = False
+            if ious is not None:
+                ok = (t['labels'] == p['labels'][d]).numpy() & ~taken & (ious[d].numpy() >= iou)
+                if ok.any():
+                    g = int(np.argmax(np.where(ok, ious[d].numpy(), -1)))
+                    taken[g] = hit = True
+            scores.append(float(p['scores'][d]))
+            tps.append(hit)
+    return np.asarray(scores, float), np.asarray(tps, bool), n_gt
+
+
+def pr_curve(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> dict[str, np.ndarray]:
+    """Precision and recall of the detections with score >= each threshold (thresholds descending)."""
+    order = np.argsort(-scores, kind='stable')
+    s, hits = scores[order], tp[order].cumsum()
+    last = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, bool)  # one point per distinct score
+    n = np.arange(1, len(s) + 1)
+    return {'threshold': s[last], 'precision': (hits / n)[last], 'recall': (hits / max(n_gt, 1))[last]}
+
+
+def prf_at(scores: np.ndarray, tp: np.ndarray, n_gt: int, threshold: float) -> dict[str, float]:
+    keep = scores >= threshold
+    n_tp, n_det = int(tp[keep].sum()), int(keep.sum())
+    p = n_tp / n_det if n_det else 1.0
+    r = n_tp / n_gt if n_gt else 1.0
+    return {'precision': p, 'recall': r, 'f1': 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def best_threshold(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> float:
+    """The score threshold with the highest F1 at IoU >= 0.5 (the highest such threshold on ties).
+    Meant for validation canvases, never the test ones."""
+    curve = pr_curve(scores, tp, n_gt)
+    if not len(curve['threshold']):
+        return 1.0
+    p, r = curve['precision'], curve['recall']
+    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0)
+    return float(curve['threshold'][int(np.argmax(f1))])  # argmax: the first = highest threshold
+
+
+def count_accuracy(preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]], threshold: float) -> float:
+    """Fraction of canvases with exactly as many detections (score >= threshold) as objects."""
+    right = [int((p['scores'] >= threshold).sum()) == len(t['boxes']) for p, t in zip(preds, targets)]
+    return float(np.mean(right)) if right else 0.0
+
+
+def above(preds: list[dict[str, Tensor]], threshold: float) -> list[dict[str, Tensor]]:
+    return [{k: v[p['scores'] >= threshold] for k, v in p.items()} for p in preds]
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _draw_boxes(ax, boxes: Tensor, labels: Tensor, classes: list[str], color: str, scores: Tensor | None = None,
+                style: str = '-') -> None:
+    from matplotlib.patches import Rectangle
+    for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color,
+                               linewidth=1.1, linestyle=style))
+        text = classes[int(labels[k])] + ('' if scores is None else f' {float(scores[k]):.2f}')
+        ax.text(x0 - 0.5, (y0 - 1.5) if scores is not None else (y1 + 2.5), text, color=color, fontsize=5.5,
+                va='bottom' if scores is not None else 'top',
+                bbox=dict(facecolor='black', alpha=0.55, pad=0.5, linewidth=0))
+
+
+def plot_detections(canvases: Canvases, tracks: dict[str, list[dict[str, Tensor]]], classes: list[str],
+                    title: str, indices: list[int]):
+    """One row per track, one column per canvas: ground truth (green dashed, label below) and the
+    detections above the track's threshold (coloured, label and score above)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(tracks), len(indices), figsize=(2.6 * len(indices), 2.8 * len(tracks)),
+                             squeeze=False)
+    for row, (name, preds) in enumerate(tracks.items()):
+        for col, k in enumerate(indices):
+            ax = axes[row, col]
+            ax.imshow(canvases.images[k, 0].numpy(), cmap='gray', vmin=0, vmax=255)
+            _draw_boxes(ax, canvases.boxes[k], canvases.labels[k], classes, 'lime', style='--')
+            _draw_boxes(ax, preds[k]['boxes'], preds[k]['labels'], classes, 'orangered', preds[k]['scores'])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name, fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_score_maps(canvas: Tensor, maps: dict[str, Tensor], classes: list[str], geometry: dict[str, Geometry],
+                    title: str):
+    """The canvas and each class's score map (softmax probability at each output position, drawn over
+    the canvas, each cell centred on the crop it stands for), one row per track."""
+    plt = pyplot()
+    n = max(m.shape[0] for m in maps.values())
+    names = classes + ['background']
+    fig, axes = plt.subplots(len(maps), n + 1, figsize=(1.45 * (n + 1), 1.7 * len(maps)), squeeze=False)
+    size = canvas.shape[-1]
+    for row, (track, m) in enumerate(maps.items()):
+        g = geometry[track]
+        axes[row, 0].imshow(canvas[0].numpy(), cmap='gray', vmin=0, vmax=255)
+        axes[row, 0].set_ylabel(track, fontsize=8)
+        h, w = m.shape[-2:]
+        half = g.window / 2 - g.stride / 2  # each cell drawn centred on its crop's centre
+        extent = (half - 0.5, half + g.stride * w - 0.5, half + g.stride * h - 0.5, half - 0.5)
+        for c in range(n):
+            ax = axes[row, c + 1]
+            if c < m.shape[0]:
+                ax.imshow(canvas[0].numpy(), cmap='gray', vmin=0, vmax=255)
+                ax.imshow(m[c].numpy(), cmap='magma', vmin=0, vmax=1, extent=extent, alpha=0.8)
+                ax.set_xlim(-0.5, size - 0.5)
+                ax.set_ylim(size - 0.5, -0.5)
+                ax.set_title(names[c], fontsize=7)
+            else:
+                ax.axis('off')
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pr(curves: dict[str, dict], title: str):
+    """Precision-recall at IoU >= 0.5 of each track, its chosen (validation) threshold marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, c in curves.items():
+        line, = ax.plot(c['recall'], c['precision'], label=name)
+        ax.plot([c['at']['recall']], [c['at']['precision']], 'o', color=line.get_color(),
+                label=f"threshold {c['threshold']:.2f}: P {c['at']['precision']:.3f} R {c['at']['recall']:.3f}")
+    ax.set_xlabel('recall (IoU >= 0.5)')
+    ax.set_ylabel('precision')
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='lower left')
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
