@@ -221,7 +221,8 @@ class Run:
         else:
             self.name = from_main(config['run_name'] or f"{name}-{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
             self.dir = os.path.abspath(os.path.join(config['runs_dir'], exercise, self.name))
-            if os.path.exists(self.dir) and os.listdir(self.dir) and not config.get('overwrite'):
+            taken = from_main(os.path.exists(self.dir) and bool(os.listdir(self.dir)))  # rank 0's view: no race
+            if taken and not config.get('overwrite'):
                 last = os.path.join(self.dir, 'checkpoints', 'last.pt')
                 how = f"resume it with --resume {last}" if os.path.exists(last) else "delete it"
                 raise UserError(f"run {self.dir} already exists: {how}, choose another --run_name, "
@@ -339,7 +340,7 @@ class Run:
                 print(f"W&B {m} init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
                 continue
             if m == 'offline':
-                print(f"W&B offline: {run.dir}; upload with: wandb sync {os.path.dirname(run.dir)}")
+                print(f"W&B offline; upload with: wandb sync {os.path.dirname(run.dir)}")
             else:
                 print(f"W&B: {run.url}")
             return run

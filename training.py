@@ -270,6 +270,10 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
                     raise UserError(f"training loss became {loss_sum} in epoch {epoch + 1}; stopped. The last good "
                                     f"checkpoint is {run.path('checkpoints', 'last.pt')}. Try a lower --lr.")
 
+                if world > 1:  # BatchNorm running stats differ by each rank's last slice: evaluate and
+                    import torch.distributed as dist  # checkpoint rank 0's on every rank, as DDP's next step would
+                    for buffer in model.buffers():
+                        dist.broadcast(buffer, src=0)
                 val = evaluate(model, data.val, amp=amp, memory_format=mf)
                 row = {'epoch': epoch + 1, 'train/loss': loss_sum / n, 'train/acc': correct / n,
                        'val/loss': val['loss'], 'val/acc': val['acc'], 'lr': optimizer.param_groups[0]['lr'],
