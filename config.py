@@ -17,6 +17,11 @@ import sys
 from typing import Any, Callable
 
 
+def plural(n: int, word: str) -> str:
+    """'1 epoch', '3 epochs'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 class UserError(Exception):
     """Something the user can fix (bad data dir, corrupt checkpoint...): one line, no traceback."""
 

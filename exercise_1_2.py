@@ -21,7 +21,7 @@ Measured results, and the data and hardware behind them, are in README.md.
     python exercise_1_2.py --help                            # every key, default and reason
 """
 
-from config import COMMON, UserError, cli
+from config import COMMON, UserError, cli, plural
 from dataset import Data
 from models import MLP, SkipMLP
 from study import run_parts, train_run
@@ -77,7 +77,7 @@ def main(config: dict, overrides: dict) -> None:
     # the study and the gradient analysis: every cell shares everything but model and depth
     study = {**config, 'width': config['study_width'], 'epochs': config['study_epochs'], 'resume': ''}
     run_parts(EXERCISE, config, study, build_model,
-              title=f"{config['dataset']}, width {study['width']}, {study['epochs']} epochs")
+              title=f"{config['dataset']}, width {study['width']}, {plural(study['epochs'], 'epoch')}")
 
 if __name__ == '__main__':
     cli(main, config, choices={'dataset': ('mnist', 'fashion_mnist', 'digits'), 'part': ('single', 'study', 'grads', 'all'),

@@ -35,7 +35,7 @@ model.classifier the linear head.
     python exercise_1_3.py --help                                 # every key, default and reason
 """
 
-from config import COMMON, UserError, cli
+from config import COMMON, UserError, cli, plural
 from dataset import Data
 from models import CNN
 from study import run_parts, train_run
@@ -93,7 +93,7 @@ def main(config: dict, overrides: dict) -> None:
     study = {**config, 'widths': config['study_widths'], 'epochs': config['study_epochs'], 'resume': ''}
     subset = f" (subset {config['subset']})" if config['subset'] else ''
     run_parts(EXERCISE, config, study, build_model, xlabel='blocks per stage',
-              title=f"{config['dataset']}{subset}, widths {study['widths']}, {study['epochs']} epochs")
+              title=f"{config['dataset']}{subset}, widths {study['widths']}, {plural(study['epochs'], 'epoch')}")
 
 if __name__ == '__main__':
     cli(main, config, choices={'dataset': ('cifar10', 'fashion_mnist', 'mnist', 'digits'),

@@ -255,6 +255,8 @@ def hardware() -> dict:
 
 
 def main(config: dict, overrides: dict) -> dict:
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise UserError("exercise 2.2 runs as one process (its stages are small): start it with python, not torchrun")
     if config['resume']:
         raise UserError("exercise 2.2 does not take --resume: a finished stage with the same config is reused and "
                         "an interrupted one resumes by itself; just run the same command again")

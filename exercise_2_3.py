@@ -427,6 +427,9 @@ def explain_resnet(run: Run, config: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def main(config: dict, overrides: dict) -> dict:
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise UserError("exercise 2.3 runs as one process: start it with python, not torchrun (train the 1.3 "
+                        "checkpoint it explains with torchrun exercise_1_3.py, then pass --checkpoint)")
     if config['part'] not in ('cnn', 'resnet', 'all'):
         raise UserError(f"unknown part {config['part']!r}; choose cnn, resnet or all")
     if config['resume']:

@@ -30,7 +30,7 @@ from typing import IO, Any, Callable
 
 import torch
 
-from config import MAY_CHANGE_ON_RESUME, UserError
+from config import MAY_CHANGE_ON_RESUME, UserError, plural
 
 CHECKPOINT_KEYS = {'model', 'model_class', 'model_args', 'config'}
 
@@ -278,7 +278,7 @@ class Run:
         resumed['runs_dir'] = os.path.dirname(os.path.dirname(run_dir_of(config['resume'])))
         epoch = self.checkpoint.get('epoch', 0)
         if epoch >= resumed['epochs'] and os.path.exists(os.path.join(run_dir_of(config['resume']), 'results.json')):
-            raise UserError(f"{config['resume']} finished all {epoch} epochs and has results.json: nothing to "
+            raise UserError(f"{config['resume']} finished all {plural(epoch, 'epoch')} and has results.json: nothing to "
                             f"resume. Evaluate it with `python evaluate.py {config['resume']}`, or start a new run")
         return resumed
 

@@ -77,6 +77,8 @@ def test_missing_data_offline_is_one_clear_line(run_script, tmp_path):
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith('error: could not download') and 'train-images-idx3-ubyte.gz' in error
     assert os.path.join(str(tmp_path / 'data'), 'MNIST', 'raw') in error
+    assert 'https://' in error and '--data_dir' in error and '$DLA_DATA' in error and '--dataset digits' in error
+    assert not (tmp_path / 'runs').exists() and 'W&B' not in result.stdout  # nothing started before the data
 
 
 def test_channel_statistics_match_numpy():

@@ -173,3 +173,31 @@ def test_resume_refuses_a_different_schedule_length(config):
     last = run.path('checkpoints', 'last.pt')
     with pytest.raises(UserError, match='was scheduled for 42 steps, this run would take 63'):
         fit({**config, 'epochs': 3, 'resume': last}, {'epochs': 3})
+
+
+def test_progress_lines_without_a_terminal(monkeypatch, capsys):
+    """Under nohup, a notebook or CI: a line every 10% of an epoch, at most one per 5 s."""
+    clock = {'t': 0.0}
+    monkeypatch.setattr(training.time, 'perf_counter', lambda: clock['t'])
+    monkeypatch.setattr(training.sys.stderr, 'isatty', lambda: False)
+    progress = training.Progress(total=100, initial=0, desc='epoch 1/3', enabled=True)
+    sums = torch.zeros(3)
+    for step in range(100):
+        clock['t'] += 1.0  # one second per step
+        sums += torch.tensor([0.5 * 32, 0, 32])
+        progress.update(sums)
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 9 and lines[0] == '  epoch 1/3  10% | loss 0.5000 | 32 samples/s'
+
+
+def test_curves_legend_names_only_the_regularisers_that_are_on():
+    from evaluate import plot_curves
+    history = [{'epoch': e, 'train/loss': 1 / e, 'val/loss': 1 / e, 'train/acc': 0.5, 'val/acc': 0.5} for e in (1, 2)]
+    for config, expected in (({'dropout': 0.0, 'label_smoothing': 0.0}, 'train (running mean)'),
+                             ({'dropout': 0.2, 'label_smoothing': 0.0, 'augment': True},
+                              'train (running mean, dropout and augmentation on)')):
+        fig = plot_curves(history, config, 'exercise_1_3: cnn')
+        assert fig.legends[0].get_texts()[0].get_text() == expected
+        assert fig._suptitle.get_text() == 'exercise_1_3: cnn'
+        assert all(float(t).is_integer() for t in fig.axes[0].get_xticks())
