@@ -33,6 +33,8 @@ import torch
 from config import MAY_CHANGE_ON_RESUME, UserError, plural
 
 CHECKPOINT_KEYS = {'model', 'model_class', 'model_args', 'config'}
+UMASK = os.umask(0o022)  # read the process umask (the only way is to set it) ...
+os.umask(UMASK)          # ... and put it back
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,6 +46,7 @@ def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = True) -> 
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
     try:
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it 0600; give it the permissions open() would
         with os.fdopen(fd, 'wb' if binary else 'w') as f:
             write(f)
             f.flush()
@@ -265,7 +268,9 @@ class Run:
 
     def _resumed_config(self, config: dict, overrides: dict, may_change: set[str]) -> dict:
         """The checkpoint's config, plus the overrides that may change; UserError for the others."""
-        old = self.checkpoint['config']
+        old = dict(self.checkpoint['config'])
+        if isinstance(old.get('amp'), bool):  # checkpoints from before amp took auto | on | off
+            old['amp'] = 'auto' if old['amp'] else 'off'
         allowed = MAY_CHANGE_ON_RESUME | may_change
         changed = {k: v for k, v in overrides.items() if k not in allowed and old.get(k, config[k]) != v}
         if changed:

@@ -331,6 +331,7 @@ def test_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
     with pytest.raises(OSError):
         atomic_write(str(path), half, binary=False)
     assert path.read_text() == 'old\n' and os.listdir(tmp_path) == ['study.csv']
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~record.UMASK  # what a plain open() would give
 
 
 def test_failed_checkpoint_and_figure_writes_leave_old_files_and_no_temp_files(tmp_path, monkeypatch):
