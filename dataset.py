@@ -215,8 +215,8 @@ def load_cifar10(data_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
         try:  # md5-checked; extracts into data_dir/cifar-10-batches-py/
             download_and_extract_archive(CIFAR10.url, data_dir, filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
         except Exception as e:  # noqa: BLE001 - offline, proxy, bad checksum: one clear line
-            raise UserError(f"could not download {CIFAR10.url} ({type(e).__name__}). Unpack it into {data_dir} "
-                            f"(it holds {CIFAR10.base_folder}/), or point --data_dir (or $DLA_DATA) at a folder "
+            raise UserError(f"could not download {CIFAR10.url} ({type(e).__name__}) for {', '.join(missing)} in "
+                            f"{folder}. Unpack it into {data_dir}, or point --data_dir (or $DLA_DATA) at a folder "
                             f"holding {CIFAR10.base_folder}/. {OFFLINE_HINT}") from None
     out = {}
     for split, files in CIFAR_BATCHES.items():

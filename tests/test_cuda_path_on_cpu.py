@@ -134,7 +134,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert report['dry_run'] and report['problems'] == []
-    assert [s['name'] for s in report['smoke']] == ['1.1', '1.2 study cell', '1.3', '2.3 part 1']
+    assert [s['name'] for s in report['smoke']] == ['1.1', '1.2 study cell', '1.3', '2.2', '2.3 part 1']
     assert all(s['exit_code'] == 0 for s in report['smoke'])
     # FLOPs from the layers: widths [8, 16, 16], one block per stage, 32x32 input, counted by hand
     macs = 32 * 32 * 8 * 27 + 2 * 16 * 16 * 8 * 8 * 9 + 16 * 16 * 16 * 8 * 9 + 2 * 8 * 8 * 16 * 16 * 9 \
