@@ -217,13 +217,12 @@ class Run:
         self.checkpoint = load_checkpoint(config['resume']) if config['resume'] else None
         if self.checkpoint is not None:
             self._check_exercise(config['resume'])
-        if self.checkpoint is not None:
             config = self._resumed_config(config, overrides or {}, set(may_change))
             self.dir = run_dir_of(config['resume'])
             self.wandb_id = self.checkpoint.get('wandb_id') or _new_wandb_id()
         else:
-            self.name = from_main(config['run_name'] or f"{name}-{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
-            self.dir = os.path.abspath(os.path.join(config['runs_dir'], exercise, self.name))
+            run_name = from_main(config['run_name'] or f"{name}-{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.dir = os.path.abspath(os.path.join(config['runs_dir'], exercise, run_name))
             taken = from_main(os.path.exists(self.dir) and bool(os.listdir(self.dir)))  # rank 0's view: no race
             if taken and not config.get('overwrite'):
                 last = os.path.join(self.dir, 'checkpoints', 'last.pt')
