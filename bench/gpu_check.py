@@ -27,7 +27,7 @@ Targets, printed next to the figures (reported, not enforced): >= 50,000 images/
 compile, >= 80,000 with compile, >= 3x the DataLoader pipeline. Exit status 0 when every smoke run
 and every measurement ran, 1 otherwise, 2 when there is no CUDA device.
 
-    python bench/gpu_check.py                          # on a CUDA machine; table -> gpu_check.json
+    python bench/gpu_check.py                          # on a CUDA machine; table -> runs/gpu_check.json
     python bench/gpu_check.py --out /tmp/check.json
     python bench/gpu_check.py --device cpu --tiny      # seconds-long CPU dry run of every step (tests)
 """
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--device', default='cuda', help="cuda (the check), or cpu with --tiny (a dry run)")
     p.add_argument('--tiny', action='store_true', help='tiny sizes: a seconds-long dry run of every step')
     p.add_argument('--ddp', action='store_true', help='with --device cpu: run the 2-process row on the CPU (gloo)')
-    p.add_argument('--out', default='gpu_check.json', help='where to write the table as JSON')
+    p.add_argument('--out', default=os.path.join('runs', 'gpu_check.json'), help='where to write the table as JSON')
     args = p.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device on this machine (torch {torch.__version__}); run it on a CUDA machine, "
@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"gpu_check: {gpu}, torch {torch.__version__}, {report['seconds']} s"
                 f"{' (DRY RUN: tiny sizes, figures mean nothing)' if tiny else ''}", rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(report, f, indent=2, default=str)
+    from record import write_json
+    write_json(args.out, json.loads(json.dumps(report, default=str)))  # atomic, like every file a run writes
     print(f"wrote {args.out}" + (f"; {len(problems)} problem(s):\n  " + '\n  '.join(problems) if problems else ''))
     return 1 if problems else 0
 
