@@ -43,6 +43,18 @@ CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'hors
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10 train statistics
 
 
+def step(forward, x: torch.Tensor, y: torch.Tensor, optimizer, scheduler, autocast, label_smoothing: float):
+    """One optimizer step as training.train takes it in a single process; the benchmarks' loops
+    differ only in how batches arrive. Returns the loss."""
+    with autocast:
+        loss = F.cross_entropy(forward(x), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss
+
+
 def sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -112,12 +124,7 @@ def bench_torchvision(config: dict, data_dir: str, workers: int) -> tuple[float,
         for x, y in loader:
             x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             y = y.to(device, non_blocking=True)
-            with autocast:
-                loss = F.cross_entropy(forward(x), y, label_smoothing=config['label_smoothing'])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            step(forward, x, y, optimizer, scheduler, autocast, config['label_smoothing'])
         sync(device)
         seconds = time.perf_counter() - t0
         print(f"(b) epoch {epoch + 1}: {seconds:.1f}s, {len(dataset) / seconds:,.0f} images/s", flush=True)

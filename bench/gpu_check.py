@@ -50,7 +50,6 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests'), HERE]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 TARGETS = {'no_compile': 50_000, 'compile': 80_000, 'vs_dataloader': 3.0}  # images/s, images/s, ratio
@@ -180,6 +179,7 @@ def time_ours(config: dict, data, compile: bool, timed_epochs: int, tiny: bool) 
     data path (Split.batches: a seeded permutation, on-device crop + flip) and step (bf16 autocast
     and channels_last as record.use_amp/memory_format decide, cross-entropy, zero_grad, backward,
     optimizer and scheduler step). Returns per-epoch seconds, images/s, peak memory."""
+    from bench_cifar import step
     from exercise_1_3 import build_model
     from record import memory_format, use_amp
     from training import make_optimizer, make_scheduler
@@ -207,13 +207,8 @@ def time_ours(config: dict, data, compile: bool, timed_epochs: int, tiny: bool) 
         order = torch.randperm(n, generator=generator).to(device)
         with EpochTimer(device) as timer:
             for x, y in data.train.batches(bs, order, generator=augment_generator):
-                x = x.contiguous(memory_format=mf)
-                with autocast:
-                    loss = F.cross_entropy(forward(x), y, label_smoothing=config['label_smoothing'])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
+                loss = step(forward, x.contiguous(memory_format=mf), y, optimizer, scheduler, autocast,
+                            config['label_smoothing'])
         seconds.append(timer.seconds)
         print(f"  ours, compile {'on' if compile else 'off'}: epoch {len(seconds)}/{epochs} {timer.seconds:.3f} s "
               f"({n / timer.seconds:,.0f} images/s), loss {loss.item():.3f}", flush=True)
