@@ -43,10 +43,10 @@ from torch import nn
 import detect
 from config import COMMON, UserError, cli
 from dataset import Data, Split, load_data
-from evaluate import load_model, report
+from evaluate import load_model
 from models import CNN, MLP
-from record import Run, copy_file, write_json
-from training import train
+from record import Run, write_json
+from study import cached_run, digest
 
 EXERCISE = 'exercise_2_2'
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -112,34 +112,18 @@ TARGETS = {'mnist, track B': {'map_50': 0.95, 'map': 0.75, 'f1': 0.95, 'count_ac
 # ---------------------------------------------------------------------------------------------
 # Training stages (ordinary runs; reused when their identity matches)
 
-def digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
-
-
 def file_digest(path: str) -> str:
     with open(path, 'rb') as f:
-        return hashlib.sha1(f.read()).hexdigest()[:8]
+        return hashlib.sha256(f.read()).hexdigest()[:8]
 
 
 def train_stage(kind: str, stage_config: dict, identity: dict, make_data, build_model) -> tuple[str, dict]:
-    """runs/exercise_2_2/<kind>-<dataset>-<hash of identity>: reused if finished (results.json),
-    resumed from its last.pt if interrupted, else trained on make_data(device) with
+    """runs/exercise_2_2/<kind>-<dataset>-<digest of identity>, through study.cached_run: reused if
+    finished, resumed if interrupted, else trained on make_data(config, device) with
     build_model(config, data). Returns (best.pt path, results)."""
-    name = f"{kind}-{stage_config['dataset']}-{digest(identity)}"
-    run_dir = os.path.join(stage_config['runs_dir'], EXERCISE, name)
-    best, last = (os.path.join(run_dir, 'checkpoints', f) for f in ('best.pt', 'last.pt'))
-    if os.path.exists(os.path.join(run_dir, 'results.json')):
-        with open(os.path.join(run_dir, 'results.json')) as f:
-            results = json.load(f)
-        print(f"{kind}: reusing {best} (finished run with the same config)")
-        return best, results
-    resume = last if os.path.exists(last) else ''
-    run = Run(EXERCISE, {**stage_config, 'run_name': name, 'resume': resume, 'overwrite': not resume},
-              name=kind, tags=[kind])  # a stage dir without last.pt holds nothing worth keeping
-    data = make_data(run.device)
-    model = build_model(run.config, data)
-    history = train(model, data, run)
-    return best, report(run, model, data, history)
+    run_dir, results = cached_run(EXERCISE, stage_config, f"{kind}-{stage_config['dataset']}-{digest(identity)}",
+                                  build_model, make_data, tags=[kind])
+    return os.path.join(run_dir, 'checkpoints', 'best.pt'), results
 
 
 def build_classifier(config: dict, data: Data) -> nn.Module:
@@ -271,7 +255,7 @@ def main(config: dict, overrides: dict) -> dict:
         path = config['checkpoint']
     else:
         path, _ = train_stage('classifier', stage, {k: config[k] for k in CLASSIFIER_KEYS},
-                              lambda device: load_data(config, device), build_classifier)
+                              load_data, build_classifier)
     classifier, ckpt = load_model(path)
     detect.fully_convolutionalize(classifier, (1, 28, 28))  # a model that cannot be converted stops here
     data_config = {**ckpt['config'], 'subset': config['subset'], 'augment': False}
@@ -287,7 +271,7 @@ def main(config: dict, overrides: dict) -> dict:
     # 2. track B's classifier: fine-tuned with a background class (reused when identical)
     made: dict = {}
 
-    def make_crops(device: torch.device) -> Data:
+    def make_crops(_: dict, device: torch.device) -> Data:
         t0 = time.perf_counter()
         crops, made['crops'] = crop_data(data, config)
         made['crop_seconds'] = time.perf_counter() - t0
@@ -343,14 +327,8 @@ def main(config: dict, overrides: dict) -> dict:
         'pr_curve': detect.plot_pr({TRACKS[n]: {**t['metrics']['pr_curve'], 'threshold': t['metrics']['threshold'],
                                                 'at': t['metrics']} for n, t in tracks.items()}, title),
     }
-    results['figures'] = []
-    for name, fig in figures.items():
-        p = run.log_figure(name, fig)
-        results['figures'].append(p)
-        if config['assets']:
-            folder = os.path.join(HERE, config['assets_dir'])
-            os.makedirs(folder, exist_ok=True)
-            results['figures'].append(copy_file(p, os.path.join(folder, f'ex22_{name}.png')))
+    results['figures'] = run.log_figures(figures, os.path.join(HERE, config['assets_dir']) if config['assets'] else None,
+                                         'ex22_')
     write_json(run.path('results.json'), results)
     print_table(results)
     print(f"-> {run.path('results.json')}")

@@ -44,7 +44,7 @@ from dataset import Split, load_data, load_imagenette, spread
 from evaluate import load_model, pyplot
 from explain import (average_drop_increase, cam, deletion_insertion_auc, grad_cam, grad_cam_pp, overlay,
                      predict, random_maps)
-from record import Run, copy_file, write_json
+from record import Run, write_json
 
 EXERCISE = 'exercise_2_3'
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -238,17 +238,8 @@ def plot_faithfulness(curves: dict, table: dict, title: str):
 
 
 def save_figures(run: Run, figures: dict, config: dict, to_assets: bool) -> list[str]:
-    """log_figure each (run dir, TensorBoard, W&B); with to_assets also copy to assets_dir/ex23_<name>.png."""
-    paths = []
-    for name, fig in figures.items():
-        path = run.log_figure(name, fig)
-        paths.append(path)
-        if to_assets:
-            folder = os.path.join(HERE, config['assets_dir'])
-            os.makedirs(folder, exist_ok=True)
-            copy_file(path, os.path.join(folder, f'ex23_{name}.png'))
-            paths.append(os.path.join(folder, f'ex23_{name}.png'))
-    return paths
+    """Run.log_figures; with to_assets also copied to assets_dir/ex23_<name>.png (the README's)."""
+    return run.log_figures(figures, os.path.join(HERE, config['assets_dir']) if to_assets else None, 'ex23_')
 
 
 def explain_examples(run: Run, model: nn.Module, split: Split, probs: Tensor, classes: list[str], layer: nn.Module,

@@ -387,6 +387,17 @@ class Run:
         self._wandb(f'figure {name}', send)
         return path
 
+    def log_figures(self, figures: dict, copy_to: str | None = None, prefix: str = '') -> list[str]:
+        """log_figure each; with copy_to (the README's assets/, an explicit opt-in) also copy each
+        PNG there as <prefix><name>.png. Returns every path written."""
+        paths = []
+        for name, fig in figures.items():
+            paths.append(self.log_figure(name, fig))
+            if copy_to and self.rank == 0:
+                os.makedirs(copy_to, exist_ok=True)
+                paths.append(copy_file(paths[-1], os.path.join(copy_to, f'{prefix}{name}.png')))
+        return paths
+
     def finish(self, summary: dict | None = None) -> None:
         if not self.started:
             return

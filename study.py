@@ -50,13 +50,14 @@ NOT_IDENTITY = {'resume', 'run_name', 'runs_dir', 'data_dir', 'device', 'amp', '
 # Training runs
 
 def train_run(exercise: str, config: dict, build_model: BuildModel, overrides: dict | None = None,
-              name: str = 'run', may_change: tuple[str, ...] = ()) -> dict:
-    """One run: Run -> load_data -> build_model -> train -> report. Returns results.json's dict.
+              name: str = 'run', may_change: tuple[str, ...] = (), tags: list[str] | None = None,
+              make_data: Callable[[dict, torch.device], Data] = load_data) -> dict:
+    """One run: Run -> make_data -> build_model -> train -> report. Returns results.json's dict.
     may_change: the script's keys that a resume may change (they do not shape this run)."""
-    run = Run(exercise, config, overrides, name=name, tags=[config['model'], f"depth={config['depth']}"],
-              may_change=may_change)
+    tags = tags if tags is not None else [config['model'], f"depth={config['depth']}"]
+    run = Run(exercise, config, overrides, name=name, tags=tags, may_change=may_change)
     config = run.config  # the checkpoint's, when resuming
-    data = load_data(config, run.device)
+    data = make_data(config, run.device)
     model = build_model(config, data)
     history = train(model, data, run)
     results = report(run, model, data, history)
@@ -68,10 +69,32 @@ def cell_config(config: dict, model: str, depth: int) -> dict:
     return {**config, 'model': model, 'depth': depth, 'resume': '', 'run_name': ''}
 
 
+def digest(obj) -> str:
+    """8 hex digits of a hash of obj (as JSON): part of a run name that changes whenever obj does."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def cell_id(cell: dict) -> str:
-    """8 hex digits of a hash of every key that shapes the cell's result (not NOT_IDENTITY)."""
-    identity = {k: v for k, v in sorted(cell.items()) if k not in NOT_IDENTITY}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    """The digest of every key that shapes the cell's result (not NOT_IDENTITY)."""
+    return digest({k: v for k, v in cell.items() if k not in NOT_IDENTITY})
+
+
+def cached_run(exercise: str, config: dict, run_name: str, build_model: BuildModel,
+               make_data: Callable[[dict, torch.device], Data] = load_data,
+               tags: list[str] | None = None) -> tuple[str, dict]:
+    """runs/<exercise>/<run_name>, a name that carries the digest of the settings it stands for:
+    reused when it finished (results.json), resumed from its last.pt when it was interrupted,
+    else trained. Returns (run directory, results.json's dict)."""
+    run_dir = os.path.join(config['runs_dir'], exercise, run_name)
+    last = os.path.join(run_dir, 'checkpoints', 'last.pt')
+    if os.path.exists(os.path.join(run_dir, 'results.json')):
+        print(f"skip {run_dir}: done, same settings")
+    else:  # a folder without last.pt never checkpointed: nothing in it to keep
+        train_run(exercise, {**config, 'run_name': run_name, 'overwrite': True,
+                             'resume': last if os.path.exists(last) else ''},
+                  build_model, tags=tags, make_data=make_data)
+    with open(os.path.join(run_dir, 'results.json')) as f:
+        return run_dir, json.load(f)
 
 
 def cell_dir(exercise: str, cell: dict) -> str:
@@ -91,13 +114,7 @@ def run_study(exercise: str, config: dict, build_model: BuildModel,
     for depth in depths:
         for model in models:
             cell = cell_config(config, model, depth)
-            run_dir = cell_dir(exercise, cell)
-            last = os.path.join(run_dir, 'checkpoints', 'last.pt')
-            if os.path.exists(os.path.join(run_dir, 'results.json')):
-                print(f"skip {run_dir}: done, same settings (cell {cell_id(cell)})")
-            else:  # a folder without last.pt never checkpointed: nothing in it to keep
-                train_run(exercise, {**cell, 'run_name': os.path.basename(run_dir), 'overwrite': True,
-                                     'resume': last if os.path.exists(last) else ''}, build_model)
+            run_dir, _ = cached_run(exercise, cell, os.path.basename(cell_dir(exercise, cell)), build_model)
             rows.append(study_row(run_dir, cell))
     return rows
 

@@ -270,7 +270,7 @@ def test_smoke_run_writes_results_and_figures_and_stages_are_reused(tiny_mnist, 
         raise AssertionError('a finished stage was trained again')
     best, results = ex22.train_stage('classifier', cfg, identity, never, never)
     assert best.endswith('checkpoints/best.pt') and 'test_acc' in results
-    assert 'classifier: reusing' in capsys.readouterr().out
+    assert 'classifier-mnist-' in (out := capsys.readouterr().out) and 'done, same settings' in out
 
 
 def test_bad_input_is_one_line(tiny_mnist, tmp_path, capsys):
