@@ -375,6 +375,7 @@ class Run:
             run_name = from_main(config['run_name'] or f"{name}-{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
             check_run_name(run_name)
             self.dir = os.path.abspath(os.path.join(config['runs_dir'], exercise, run_name))
+            self._on_main(self._recover_replaced)
             busy = from_main(holder(self.dir))
             if busy:
                 raise UserError(f"run {self.dir} is in use by {busy}: let it finish or stop it first, "
@@ -518,6 +519,12 @@ class Run:
                 check_deletable(aside, parent)
                 shutil.rmtree(aside)
                 continue
+            if not os.path.isdir(self.dir):  # the killed replacement's folder is gone already
+                check_deletable(aside, parent)
+                os.rename(aside, self.dir)
+                print(f"run {self.dir}: restored the run that a replacement killed before its first checkpoint "
+                      f"had moved aside")
+                continue
             check_deletable(self.dir, parent)
             check_deletable(aside, parent)
             for name in os.listdir(self.dir):  # the killed replacement's files; our lock stays in place
@@ -530,6 +537,22 @@ class Run:
             shutil.rmtree(aside)
             print(f"run {self.dir}: restored the run that a replacement killed before its first checkpoint "
                   f"had moved aside")
+
+    def _recover_replaced(self) -> None:
+        """__init__, rank 0, before the name is checked: an old run kept aside by a replacement that was
+        killed (kill -9, a power cut) before it settled is put back, or dropped if the replacement had
+        its first checkpoint. Nothing is done while the run is held by a live process."""
+        parent, name = os.path.split(self.dir)
+        if not glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.replaced-*")):
+            return
+        mine = os.path.realpath(self.dir) in _HELD
+        if os.path.isdir(self.dir):
+            previous = claim(self.dir)
+            if previous:
+                print(f"run {self.dir}: took over from {previous}, which ended without releasing it")
+        self._restore_or_drop_aside()
+        if not mine:
+            release(self.dir)
 
     def _settle(self, keep_new: bool) -> None:
         """End an --overwrite replacement: keep_new deletes the old run kept aside; otherwise the new

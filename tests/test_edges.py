@@ -149,6 +149,22 @@ def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(config, capsys, 
     assert os.listdir(runs) == ['test']
 
 
+def test_a_replacement_killed_before_its_first_checkpoint_gives_the_old_run_back(config, capsys, trained):
+    """The state kill -9 leaves mid-replacement: the old run kept aside, the new one's stub in its place."""
+    runs = os.path.join(config['runs_dir'], 'exercise_1_1')
+    old = {k: v for k, v in files_under(copy_of(trained, config)).items() if k != '.lock'}
+    os.rename(os.path.join(runs, 'test'), os.path.join(runs, '.test.replaced-999999'))
+    os.makedirs(os.path.join(runs, 'test'))
+    with open(os.path.join(runs, 'test', 'config.json'), 'w') as f:
+        f.write('{}')
+    with open(os.path.join(runs, 'test', '.lock'), 'w') as f:
+        f.write('process 999999 on elsewhere\n')
+    assert run_1_1(argv_of(config, epochs=1)) == 1  # the next start of that name, without --overwrite
+    assert 'already exists' in error_line(capsys)
+    assert {k: v for k, v in files_under(os.path.join(runs, 'test')).items() if k != '.lock'} == old
+    assert os.listdir(runs) == ['test']
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. A checkpoint from outside the runs folder continues in a run folder, never beside the file
 
@@ -214,12 +230,14 @@ def test_two_fresh_runs_of_one_name_the_second_is_refused(config):
     first = Run('exercise_1_1', config)
     second = Run('exercise_1_1', {**config, 'seed': 1})  # both checked the name before either started
     first.start()
-    fd = record._HELD.pop(os.path.realpath(first.dir))  # so this process meets the lock as another one would
+    held = getattr(record, '_HELD', {})  # this process's claims: hide first's, so second meets it as another would
+    fd = held.pop(os.path.realpath(first.dir), None)
     try:
         with pytest.raises(UserError, match='is in use by process'):
             second.start()
     finally:
-        record._HELD[os.path.realpath(first.dir)] = fd
+        if fd is not None:
+            held[os.path.realpath(first.dir)] = fd
     first.finish()
     with open(os.path.join(first.dir, 'config.json')) as f:
         assert json.load(f)['seed'] == 0
@@ -292,7 +310,7 @@ def test_a_full_disk_for_real_is_one_line(config, capsys, tmp_path, monkeypatch)
         assert checkpoint['epoch'] == 2 or open(last, 'rb').read() == good
         assert not glob.glob(os.path.join(runs, '**', '.*.tmp'), recursive=True)
     finally:
-        for key in [k for k in record._HELD if k.startswith(str(mnt))]:
+        for key in [k for k in getattr(record, '_HELD', {}) if k.startswith(str(mnt))]:
             record.release(key)  # the failed run's claim, held until exit otherwise
         subprocess.run(['umount', '-l', str(mnt)], capture_output=True)
 
@@ -304,7 +322,7 @@ def test_temp_files_and_a_lock_left_by_a_killed_process_are_cleared_on_resume(co
         f.write(b'\0' * 1000)
     mine = os.path.join(run_dir, 'notes.tmp')  # not our pattern: left alone
     open(mine, 'w').close()
-    with open(os.path.join(run_dir, record.LOCK), 'w') as f:
+    with open(os.path.join(run_dir, '.lock'), 'w') as f:
         f.write('process 999999 on elsewhere\n')  # a holder that ended without releasing: kill -9
     last = os.path.join(run_dir, 'checkpoints', 'last.pt')
     run = Run('exercise_1_1', {**config, 'resume': last, 'epochs': 2, 'scheduler': 'none'}, {'resume': last, 'epochs': 2})
