@@ -444,8 +444,8 @@ class Run:
         path = config['resume']
         real = os.path.realpath(path)
         folder = os.path.dirname(os.path.dirname(real))
-        if (os.path.basename(os.path.dirname(real)) == 'checkpoints' and os.path.isfile(os.path.join(folder, 'config.json'))
-                and os.path.basename(os.path.dirname(folder)) == self.exercise):
+        if (os.path.basename(os.path.dirname(real)) == 'checkpoints' and os.path.basename(os.path.dirname(folder))
+                == self.exercise and os.path.isfile(os.path.join(folder, 'config.json'))):
             return folder, False
         name = overrides.get('run_name') or self.checkpoint['config'].get('run_name') or 'resumed'
         check_run_name(name)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -325,7 +324,8 @@ def test_temp_files_and_a_lock_left_by_a_killed_process_are_cleared_on_resume(co
     with open(os.path.join(run_dir, '.lock'), 'w') as f:
         f.write('process 999999 on elsewhere\n')  # a holder that ended without releasing: kill -9
     last = os.path.join(run_dir, 'checkpoints', 'last.pt')
-    run = Run('exercise_1_1', {**config, 'resume': last, 'epochs': 2, 'scheduler': 'none'}, {'resume': last, 'epochs': 2})
+    resume = {'resume': last, 'epochs': 2}
+    run = Run('exercise_1_1', {**config, **resume, 'scheduler': 'none'}, resume)
     out = capsys.readouterr().out
     assert 'took over from process 999999 on elsewhere' in out and 'removed 1 temp file' in out
     assert not os.path.exists(orphan) and os.path.exists(mine)
