@@ -10,7 +10,11 @@ nothing here imports them, so the import graph has no cycle.
 
 Rules a run keeps (README, "Runs you can trust"):
 - every file is written atomically (atomic_write): a crash leaves the old file or the new one;
-- a fresh run never reuses an existing run directory unless config['overwrite'];
+- a fresh run never reuses an existing run directory unless config['overwrite'], and then keeps
+  the old run aside until its own first checkpoint (README, "Run folders");
+- a run folder is held by one process at a time (<run>/.lock); run names are plain folder names,
+  and nothing is deleted that is not a run folder directly under <runs_dir>/<exercise>/;
+- a write the disk refuses is one line naming the file (cannot_write), never a traceback;
 - a resumed run continues its own checkpoint, of its own exercise, with its own config; only
   the keys in config.MAY_CHANGE_ON_RESUME (device, logging, a longer plain schedule...) may
   differ, anything else is refused with one line naming the keys;
@@ -229,7 +233,10 @@ def _at_exit() -> None:
     """However the process ends (an error, sys.exit): a replacement that never checkpointed gives the
     old run back, and every claim is released cleanly."""
     for run in list(_REPLACING):
-        run._settle(keep_new=os.path.exists(run.path('checkpoints', 'last.pt')))
+        try:
+            run._settle(keep_new=os.path.exists(run.path('checkpoints', 'last.pt')))
+        except (UserError, OSError) as e:
+            print(f"warning: {e}; the old run is still at {run.aside}", file=sys.stderr)
     for key in list(_HELD):
         release(key)
 
@@ -462,11 +469,14 @@ class Run:
                             f"and no best.pt lies beside it: put the run's best.pt there and resume again")
         return folder, True
 
-    def _claim_resumed(self) -> None:
-        """Hold the run being resumed; a lock or temp files left by a killed process are taken over."""
+    def _claim(self) -> None:
         previous = claim(self.dir)
         if previous:
             print(f"run {self.dir}: took over from {previous}, which ended without releasing it")
+
+    def _claim_resumed(self) -> None:
+        """Hold the run being resumed; a lock or temp files left by a killed process are taken over."""
+        self._claim()
         removed = remove_temp_files(self.dir)
         if removed:
             print(f"run {self.dir}: removed {plural(len(removed), 'temp file')} left by a write that was cut off "
@@ -483,9 +493,7 @@ class Run:
             os.makedirs(self.dir, exist_ok=True)  # two processes may both get here: the lock decides
         elif has_run(self.dir) and self.config.get('overwrite'):
             check_deletable(self.dir, parent)  # nothing, not even a lock, is written into a stranger's folder
-        previous = claim(self.dir)
-        if previous:
-            print(f"run {self.dir}: took over from {previous}, which ended without releasing it")
+        self._claim()
         self._restore_or_drop_aside()
         if has_run(self.dir):
             if not self.config.get('overwrite') or self.imported:
@@ -527,13 +535,13 @@ class Run:
                 continue
             check_deletable(self.dir, parent)
             check_deletable(aside, parent)
-            for name in os.listdir(self.dir):  # the killed replacement's files; our lock stays in place
-                if name != LOCK:
-                    target = os.path.join(self.dir, name)
+            for entry in os.listdir(self.dir):  # the killed replacement's files; our lock stays in place
+                if entry != LOCK:
+                    target = os.path.join(self.dir, entry)
                     shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
-            for name in os.listdir(aside):
-                if name != LOCK:
-                    os.rename(os.path.join(aside, name), os.path.join(self.dir, name))
+            for entry in os.listdir(aside):
+                if entry != LOCK:
+                    os.rename(os.path.join(aside, entry), os.path.join(self.dir, entry))
             shutil.rmtree(aside)
             print(f"run {self.dir}: restored the run that a replacement killed before its first checkpoint "
                   f"had moved aside")
@@ -547,9 +555,7 @@ class Run:
             return
         mine = os.path.realpath(self.dir) in _HELD
         if os.path.isdir(self.dir):
-            previous = claim(self.dir)
-            if previous:
-                print(f"run {self.dir}: took over from {previous}, which ended without releasing it")
+            self._claim()
         self._restore_or_drop_aside()
         if not mine:
             release(self.dir)
