@@ -383,7 +383,7 @@ class Run:
             check_run_name(run_name)
             self.dir = os.path.abspath(os.path.join(config['runs_dir'], exercise, run_name))
             self._on_main(self._recover_replaced)
-            busy = from_main(holder(self.dir))
+            busy = from_main(holder(self.dir) if self.rank == 0 else '')
             if busy:
                 raise UserError(f"run {self.dir} is in use by {busy}: let it finish or stop it first, "
                                 f"or choose another --run_name")
@@ -461,8 +461,9 @@ class Run:
             raise UserError(f"{path} is not in a run folder (<runs_dir>/{self.exercise}/<run>/checkpoints/), so it "
                             f"would continue in {folder}, which exists: give another --run_name")
         ck = self.checkpoint
-        beside = os.path.join(os.path.dirname(real), 'best.pt')
-        self.import_best = (None if not ck.get('best_epoch') else beside if os.path.isfile(beside) else
+        beside = os.path.join(os.path.dirname(real), 'best.pt')  # the same run's best.pt, copied along with it
+        same_run = os.path.isfile(beside) and load_checkpoint(beside).get('wandb_id') == ck.get('wandb_id')
+        self.import_best = (None if not ck.get('best_epoch') else beside if same_run else
                             real if ck.get('batch', 0) == 0 and ck.get('epoch') == ck['best_epoch'] else '')
         if self.import_best == '':
             raise UserError(f"{path} stopped at epoch {ck.get('epoch')} but its best epoch was {ck['best_epoch']}, "
