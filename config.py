@@ -9,6 +9,7 @@ with one line on stderr and exit code 2, before anything is written.
 from __future__ import annotations
 
 import ast
+import errno
 import inspect
 import netrc
 import os
@@ -78,12 +79,20 @@ CHOICES: dict[str, tuple] = {
     'wandb': ('online', 'offline', 'off'),
 }
 
-# Keys a resumed run may take from the command line although its checkpoint says otherwise: where
-# and how it runs and logs, not what it computes. `epochs` may grow only where the schedule allows
-# (training.train checks). Any other change is refused: the checkpoint's optimizer, scheduler and
-# model state were built from the old values, and config.json must describe what ran.
-MAY_CHANGE_ON_RESUME = {'resume', 'epochs', 'device', 'amp', 'channels_last', 'compile', 'data_dir', 'runs_dir',
-                        'run_name', 'overwrite', 'wandb', 'wandb_project', 'wandb_verbose'}
+# Where and how a run runs and logs, not what it computes: the one list behind the resume rules
+# (record.Run), a study cell's identity (study.cell_id) and 2.2's stage identities; every other key
+# shapes the result. A resumed run, a resumed study cell or 2.2 stage takes these from the command
+# that resumes it, not from its checkpoint.
+HOW_IT_RUNS = {'resume', 'device', 'amp', 'channels_last', 'compile', 'data_dir', 'runs_dir', 'run_name',
+               'overwrite', 'wandb', 'wandb_project', 'wandb_verbose'}
+# Keys a resumed run may take from the command line although its checkpoint says otherwise: where and
+# how it runs, and `epochs`, which may grow only where the schedule allows (training.train checks).
+# Any other change is refused: the checkpoint's optimizer, scheduler and model state were built from
+# the old values, and config.json must describe what ran.
+MAY_CHANGE_ON_RESUME = HOW_IT_RUNS | {'epochs'}
+
+# What a full, read-only or forbidden disk says: one line naming the file (README, "Run folders")
+DISK_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 _COMMENT = re.compile(r"""^\s*['"](\w+)['"]\s*:.*#\s*(.*)$""")
 
@@ -133,7 +142,18 @@ LIMITS = [
     ('weight_decay', lambda v: v >= 0, '>= 0'),
     ('label_smoothing', lambda v: 0 <= v < 1, 'in [0, 1)'),
     ('max_steps', lambda v: v >= 0, '>= 0 (0 = no cap)'),
+    ('runs_dir', lambda v: v != '' and '\0' not in v, 'a folder'),
 ]
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one plain folder name under <runs_dir>/<exercise>/ (README, "Run folders"): no
+    separator, no control character, not empty, not '.' or '..'. A leading '.' is refused too (hidden
+    folders are the engine's own: a replaced run kept aside), and a leading '-' (it reads as an option)."""
+    if (name in ('', '.', '..') or name[0] in '.-' or any(c in name for c in '/\\') or
+            any(ord(c) < 32 or ord(c) == 127 for c in name) or len(name.encode()) > 255):
+        raise UserError(f"--run_name {name!r} is not a plain folder name: one path component, no '/' or '\\', "
+                        f"no control characters, not starting with '.' or '-'")
 
 
 def check(config: dict[str, Any], choices: dict[str, tuple] | None = None) -> None:
@@ -144,6 +164,8 @@ def check(config: dict[str, Any], choices: dict[str, tuple] | None = None) -> No
     for key, allowed in {**CHOICES, **(choices or {})}.items():
         if key in config and config[key] not in allowed:
             raise UserError(f"--{key} {config[key]!r} is not one of {', '.join(map(str, allowed))}")
+    if config.get('run_name'):  # '' = the default name, checked by record.Run once it is made
+        check_run_name(config['run_name'])
 
 
 def parse_args(config: dict[str, Any], argv: list[str]) -> dict[str, Any]:
@@ -197,4 +219,9 @@ def cli(main: Callable[[dict[str, Any], dict[str, Any]], Any], config: dict[str,
         main({**config, **overrides}, overrides)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # a file or folder the disk refused outside record.atomic_write (command.txt...)
+        if e.errno not in DISK_FAULTS:
+            raise
+        print(f"error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
         sys.exit(1)

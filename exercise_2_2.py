@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import detect
-from config import COMMON, UserError, cli
+from config import COMMON, HOW_IT_RUNS, UserError, cli
 from dataset import Data, Split, load_data
 from evaluate import load_model
 from models import CNN, MLP
@@ -100,9 +100,14 @@ CHOICES = {'dataset': ('mnist', 'fashion_mnist'), 'model': ('cnn', 'mlp')}
 CLASSIFIER_KEYS = ('dataset', 'model', 'widths', 'depth', 'hidden', 'dropout', 'augment', 'epochs', 'batch_size',
                    'optimizer', 'lr', 'momentum', 'weight_decay', 'scheduler', 'label_smoothing', 'seed', 'subset',
                    'val_split', 'max_steps')
-FINETUNE_KEYS = ('finetune_canvases', 'finetune_epochs', 'finetune_lr', 'random_crops', 'max_shift', 'canvas_size',
-                 'objects', 'object_size', 'min_gap', 'ink_threshold', 'canvas_seed', 'batch_size', 'optimizer',
-                 'weight_decay', 'scheduler', 'label_smoothing', 'seed', 'subset', 'max_steps')
+# The fine-tune's identity is the classifier's file digest plus every key but these: where and how it
+# runs (config.HOW_IT_RUNS), the classifier's own keys (its digest stands for them) and the keys read
+# only after training (decoding, the val/test canvases, timing, figures).
+NOT_FINETUNE = HOW_IT_RUNS | {'checkpoint', 'model', 'widths', 'depth', 'hidden', 'dropout', 'augment', 'epochs', 'lr',
+                              'test_canvases', 'val_canvases', 'score_threshold', 'min_score', 'nms_iou',
+                              'agnostic_iou', 'refine_margin', 'timing_threads', 'figure_canvases', 'assets',
+                              'assets_dir'}
+FINETUNE_KEYS = tuple(k for k in config if k not in NOT_FINETUNE)
 TRACKS = {'zero_shot': 'A: zero-shot (surgery only)', 'background': 'B: + background class'}
 TARGETS = {'mnist, track B': {'map_50': 0.95, 'map': 0.75, 'f1': 0.95, 'count_acc': 0.85, 'ms_per_canvas': 20,
                               'finetune_minutes_2_cores': 5},

@@ -10,7 +10,11 @@ nothing here imports them, so the import graph has no cycle.
 
 Rules a run keeps (README, "Runs you can trust"):
 - every file is written atomically (atomic_write): a crash leaves the old file or the new one;
-- a fresh run never reuses an existing run directory unless config['overwrite'];
+- a fresh run never reuses an existing run directory unless config['overwrite'], and then keeps
+  the old run aside until its own first checkpoint (README, "Run folders");
+- a run folder is held by one process at a time (<run>/.lock); run names are plain folder names,
+  and nothing is deleted that is not a run folder directly under <runs_dir>/<exercise>/;
+- a write the disk refuses is one line naming the file (cannot_write), never a traceback;
 - a resumed run continues its own checkpoint, of its own exercise, with its own config; only
   the keys in config.MAY_CHANGE_ON_RESUME (device, logging, a longer plain schedule...) may
   differ, anything else is refused with one line naming the keys;
@@ -18,19 +22,30 @@ Rules a run keeps (README, "Runs you can trust"):
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import glob
+import io
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 from typing import IO, Any, Callable
 
 import torch
 
-from config import MAY_CHANGE_ON_RESUME, UserError, plural
+from config import MAY_CHANGE_ON_RESUME, UserError, check_run_name, plural
+
+try:
+    import fcntl  # flock: a claim the kernel drops when its process dies, however it dies
+except ImportError:  # Windows: run folders are not claimed (README, "Run folders")
+    fcntl = None
 
 CHECKPOINT_KEYS = {'model', 'model_class', 'model_args', 'config'}
 UMASK = os.umask(0o022)  # read the process umask (the only way is to set it) ...
@@ -44,7 +59,10 @@ def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = True) -> 
     """write(f) into a temp file beside `path`, fsync, then os.replace: readers see the old file
     or the new one, never half of one. The temp file is removed if anything fails. Returns path."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    except OSError as e:
+        raise cannot_write(path, e) from None
     try:
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it 0600; give it the permissions open() would
         with os.fdopen(fd, 'wb' if binary else 'w') as f:
@@ -52,11 +70,19 @@ def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = True) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno:
+            raise cannot_write(path, e) from None
         raise
     return path
+
+
+def cannot_write(path: str, e: OSError) -> UserError:
+    """The one line for a write the filesystem refused (ENOSPC, EFBIG, EROFS, EACCES...): the file and
+    the cause. Every write of a run goes through here; the files it had are left as they were."""
+    return UserError(f"cannot write {path}: {e.strerror or e}")
 
 
 def write_json(path: str, obj: Any) -> str:
@@ -79,7 +105,13 @@ def save_figure(fig, path: str) -> str:
 
 
 def save_checkpoint(path: str, state: dict) -> str:
-    return atomic_write(path, lambda f: torch.save(state, f))
+    # serialised in memory first: torch.save writing to a full disk reports RuntimeError('[enforce fail
+    # at inline_container.cc] unexpected pos'), our own f.write reports OSError(ENOSPC) for cannot_write
+    def write(f):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        f.write(buffer.getbuffer())
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -96,8 +128,128 @@ def load_checkpoint(path: str) -> dict:
 
 
 def run_dir_of(checkpoint_path: str) -> str:
-    """runs/<exercise>/<run>/checkpoints/last.pt -> runs/<exercise>/<run>"""
+    """runs/<exercise>/<run>/checkpoints/last.pt -> runs/<exercise>/<run> (only for paths known to be
+    inside a run: Run._resume_dir decides that)"""
     return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders: what may be deleted, who holds a run (README, "Run folders")
+
+LOCK = '.lock'  # <run>/.lock: flock'ed by the process that writes the run; holds "process <pid> on <host>"
+TEMP_FILE = re.compile(r'^\..+\.[a-z0-9_]{8}\.tmp$')  # atomic_write's temp files: .<name>.XXXXXXXX.tmp
+_HELD: dict[str, int] = {}  # realpath of a run folder -> the descriptor of its claimed .lock
+_REPLACING: list = []  # Runs holding an old run aside until their first checkpoint (settled at exit at the latest)
+
+
+def check_runs_dir(runs_dir: str, exercise: str) -> None:
+    for folder in (runs_dir, os.path.join(runs_dir, exercise)):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"--runs_dir: {folder} is not a folder")
+
+
+def has_run(folder: str) -> bool:
+    """Anything in `folder` but a lock: a run (or a stranger's files) is there."""
+    return os.path.isdir(folder) and any(name != LOCK for name in os.listdir(folder))
+
+
+def check_deletable(folder: str, exercise_dir: str) -> None:
+    """UserError unless `folder` is a real folder directly under `exercise_dir` (no link, no '..')
+    that holds a run (config.json or checkpoints/) or only our own lock and temp files. Called before
+    anything the engine deletes or moves: a name is never trusted to be what it says."""
+    real = os.path.realpath(folder)
+    if os.path.islink(folder) or not os.path.isdir(real) or os.path.dirname(real) != os.path.realpath(exercise_dir):
+        raise UserError(f"{folder} is not a run folder directly under {exercise_dir}; not touching it")
+    names = os.listdir(real)
+    if not ({'config.json', 'checkpoints'} & set(names) or all(n == LOCK or TEMP_FILE.match(n) for n in names)):
+        raise UserError(f"{folder} does not look like a run (no config.json, no checkpoints/); not touching it: "
+                        f"move it away or choose another --run_name")
+
+
+def holder(folder: str) -> str:
+    """'process <pid> on <host>' when a live process holds `folder`'s lock, else ''. Writes nothing."""
+    if fcntl is None or os.path.realpath(folder) in _HELD:
+        return ''
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDONLY)
+    except OSError:
+        return ''
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return ''  # free: closing fd below releases it again
+    except OSError:
+        return os.pread(fd, 200, 0).decode(errors='replace').strip() or 'another process'
+    finally:
+        os.close(fd)
+
+
+def claim(folder: str) -> str:
+    """Hold `folder`'s lock until release() or this process ends (the kernel drops a flock however a
+    process dies, kill -9 included). UserError when a live process holds it. Returns who held it last
+    without releasing it (a killed process), else ''."""
+    key = os.path.realpath(folder)
+    if fcntl is None or key in _HELD:  # this process already holds it (an earlier Run of the same run)
+        return ''
+    path = os.path.join(folder, LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        who = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'another process'
+        os.close(fd)
+        raise UserError(f"run {folder} is in use by {who}: let it finish or stop it first, "
+                        f"or choose another --run_name") from None
+    previous = os.pread(fd, 200, 0).decode(errors='replace').strip()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _HELD[key] = fd
+    return previous
+
+
+def release(folder: str) -> None:
+    fd = _HELD.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)  # a clean end: the next claim finds no name, so it reports no take-over
+        os.close(fd)
+
+
+def remove_temp_files(folder: str) -> list[str]:
+    """Remove atomic_write temp files left in a run folder (and its checkpoints/) by a process killed
+    mid-write. Only our own pattern, only there, and only by the process that holds the run."""
+    removed = []
+    for where in (folder, os.path.join(folder, 'checkpoints')):
+        for name in os.listdir(where) if os.path.isdir(where) else []:
+            if TEMP_FILE.match(name) and os.path.isfile(os.path.join(where, name)):
+                os.remove(os.path.join(where, name))
+                removed.append(os.path.join(where, name))
+    return removed
+
+
+@atexit.register
+def _at_exit() -> None:
+    """However the process ends (an error, sys.exit): a replacement that never checkpointed gives the
+    old run back, and every claim is released cleanly."""
+    for run in list(_REPLACING):
+        try:
+            run._settle(keep_new=os.path.exists(run.path('checkpoints', 'last.pt')))
+        except (UserError, OSError) as e:
+            print(f"warning: {e}; the old run is still at {run.aside}", file=sys.stderr)
+    for key in list(_HELD):
+        release(key)
+
+
+def _quiet_tensorboard_thread(args, previous=threading.excepthook) -> None:
+    """TensorBoard's writer thread dies on a full disk with a traceback of its own; its error is
+    raised again in the main thread on the next write, where Run reports it in one line."""
+    if type(args.thread).__name__ == '_AsyncWriterThread' and isinstance(args.exc_value, OSError):
+        return
+    previous(args)
+
+
+threading.excepthook = _quiet_tensorboard_thread
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,19 +363,33 @@ class Run:
                  name: str = 'run', tags: list[str] | None = None, may_change: tuple[str, ...] = ()):
         self.exercise, self.tags = exercise, tags or []
         self.rank, self.world = init_distributed(pick_device(config['device']))
+        check_runs_dir(config['runs_dir'], exercise)
         config = dict(config)  # resume='auto' resolves into our copy, not the caller's dict
         if config['resume'] == 'auto':
             config['resume'] = from_main(self._find_auto(config, name))
         self.checkpoint = load_checkpoint(config['resume']) if config['resume'] else None
+        self.imported = False  # resuming a checkpoint from outside the runs folder (copied in by start())
+        self.aside = ''  # the old run that an --overwrite replacement keeps until its first checkpoint
+        self.discarding = False  # discard() is undoing start()
         if self.checkpoint is not None:
             self._check_exercise(config['resume'])
+            self.dir, self.imported = self._resume_dir(config, overrides or {})
             config = self._resumed_config(config, overrides or {}, set(may_change))
-            self.dir = run_dir_of(config['resume'])
             self.wandb_id = self.checkpoint.get('wandb_id') or _new_wandb_id()
+            if not self.imported:  # claimed now, before any work: a run is trained by one process at a time
+                self._on_main(self._claim_resumed)
         else:
             run_name = from_main(config['run_name'] or f"{name}-{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
+            check_run_name(run_name)
             self.dir = os.path.abspath(os.path.join(config['runs_dir'], exercise, run_name))
-            taken = from_main(os.path.exists(self.dir) and bool(os.listdir(self.dir)))  # rank 0's view: no race
+            self._on_main(self._recover_replaced)
+            busy = from_main(holder(self.dir) if self.rank == 0 else '')
+            if busy:
+                raise UserError(f"run {self.dir} is in use by {busy}: let it finish or stop it first, "
+                                f"or choose another --run_name")
+            taken = from_main(has_run(self.dir))  # rank 0's view; start() claims the folder and checks again
+            if taken and config.get('overwrite'):
+                check_deletable(self.dir, os.path.dirname(self.dir))  # before any work, and before touching it
             if taken and not config.get('overwrite'):
                 last = os.path.join(self.dir, 'checkpoints', 'last.pt')
                 how = f"resume it with --resume {last}" if os.path.exists(last) else "delete it"
@@ -243,7 +409,7 @@ class Run:
     def _find_auto(self, config: dict, name: str) -> str:
         """resume=auto: the newest last.pt of an unfinished run of this name, or '' (start fresh)."""
         base = os.path.join(config['runs_dir'], self.exercise)
-        pattern = config['run_name'] or f"{name}-{config['dataset']}-*"
+        pattern = glob.escape(config['run_name']) if config['run_name'] else f"{name}-{config['dataset']}-*"
         found = sorted(glob.glob(os.path.join(base, pattern, 'checkpoints', 'last.pt')), key=os.path.getmtime)
         unfinished = [p for p in found if not os.path.exists(os.path.join(run_dir_of(p), 'results.json'))]
         if unfinished:
@@ -265,6 +431,156 @@ class Run:
         if self.rank == 0:
             print(text, flush=True)
 
+    def _on_main(self, act: Callable[[], None]) -> None:
+        """act() on rank 0 alone; a UserError it raises is raised on every rank, so all of them stop."""
+        error = ''
+        if self.rank == 0:
+            try:
+                act()
+            except UserError as e:
+                error = str(e)
+        error = from_main(error)
+        if error:
+            raise UserError(error)
+
+    def _resume_dir(self, config: dict, overrides: dict) -> tuple[str, bool]:
+        """(run folder, imported). A checkpoint in <runs_dir>/<exercise>/<run>/checkpoints/ continues its
+        run there. Any other (copied from a cluster, downloaded) never gets files written beside it: the
+        run continues in a new folder <runs_dir>/<exercise>/<run_name> (the checkpoint's own run name
+        unless --run_name gives one), into which start() copies it as checkpoints/last.pt."""
+        path = config['resume']
+        real = os.path.realpath(path)
+        folder = os.path.dirname(os.path.dirname(real))
+        if (os.path.basename(os.path.dirname(real)) == 'checkpoints' and os.path.basename(os.path.dirname(folder))
+                == self.exercise and os.path.isfile(os.path.join(folder, 'config.json'))):
+            return folder, False
+        name = overrides.get('run_name') or self.checkpoint['config'].get('run_name') or 'resumed'
+        check_run_name(name)
+        folder = os.path.abspath(os.path.join(config['runs_dir'], self.exercise, name))
+        if os.path.exists(folder):
+            raise UserError(f"{path} is not in a run folder (<runs_dir>/{self.exercise}/<run>/checkpoints/), so it "
+                            f"would continue in {folder}, which exists: give another --run_name")
+        ck = self.checkpoint
+        beside = os.path.join(os.path.dirname(real), 'best.pt')  # the same run's best.pt, copied along with it
+        same_run = os.path.isfile(beside) and load_checkpoint(beside).get('wandb_id') == ck.get('wandb_id')
+        self.import_best = (None if not ck.get('best_epoch') else beside if same_run else
+                            real if ck.get('batch', 0) == 0 and ck.get('epoch') == ck['best_epoch'] else '')
+        if self.import_best == '':
+            raise UserError(f"{path} stopped at epoch {ck.get('epoch')} but its best epoch was {ck['best_epoch']}, "
+                            f"and no best.pt lies beside it: put the run's best.pt there and resume again")
+        return folder, True
+
+    def _claim(self) -> None:
+        previous = claim(self.dir)
+        if previous:
+            print(f"run {self.dir}: took over from {previous}, which ended without releasing it")
+
+    def _claim_resumed(self) -> None:
+        """Hold the run being resumed; a lock or temp files left by a killed process are taken over."""
+        self._claim()
+        removed = remove_temp_files(self.dir)
+        if removed:
+            print(f"run {self.dir}: removed {plural(len(removed), 'temp file')} left by a write that was cut off "
+                  f"({', '.join(map(os.path.basename, removed))})")
+        self._restore_or_drop_aside()
+
+    def _claim_new(self) -> None:
+        """start(), rank 0, a fresh or imported run: make the folder ours. An old run there (only with
+        --overwrite, refused otherwise) is moved aside and kept until this run's first checkpoint
+        (_settle): a replacement that fails before that gives it back."""
+        parent = os.path.dirname(self.dir)
+        os.makedirs(parent, exist_ok=True)
+        if not os.path.isdir(self.dir):
+            os.makedirs(self.dir, exist_ok=True)  # two processes may both get here: the lock decides
+        elif has_run(self.dir) and self.config.get('overwrite'):
+            check_deletable(self.dir, parent)  # nothing, not even a lock, is written into a stranger's folder
+        self._claim()
+        self._restore_or_drop_aside()
+        if has_run(self.dir):
+            if not self.config.get('overwrite') or self.imported:
+                release(self.dir)
+                raise UserError(f"run {self.dir} already exists (made by another process just now): "
+                                f"choose another --run_name")
+            check_deletable(self.dir, parent)
+            self.aside = os.path.join(parent, f".{self.name}.replaced-{os.getpid()}")
+            os.rename(self.dir, self.aside)
+            _HELD[os.path.realpath(self.aside)] = _HELD.pop(os.path.realpath(self.dir))
+            _REPLACING.append(self)
+            os.makedirs(self.dir)
+            claim(self.dir)
+            print(f"replacing run {self.dir}: the old run is kept as {self.aside} until this run's first checkpoint")
+        if self.imported:
+            os.makedirs(self.path('checkpoints'), exist_ok=True)
+            copy_file(self.config['resume'], self.path('checkpoints', 'last.pt'))
+            if self.import_best:
+                copy_file(self.import_best, self.path('checkpoints', 'best.pt'))
+            print(f"{self.config['resume']} is not in a run folder: copied into {self.path('checkpoints')}, "
+                  f"the run continues there")
+
+    def _restore_or_drop_aside(self) -> None:
+        """With this run claimed, an old run still kept aside (.<name>.replaced-<pid>) belongs to a
+        replacement killed before it settled: dropped if the replacement checkpointed, else restored."""
+        parent, name = os.path.split(self.dir)
+        for aside in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.replaced-*")):
+            if os.path.realpath(aside) in _HELD or holder(aside):
+                continue  # still in the hands of a live replacement (or of this process)
+            if os.path.exists(self.path('checkpoints', 'last.pt')):
+                check_deletable(aside, parent)
+                shutil.rmtree(aside)
+                continue
+            if not os.path.isdir(self.dir):  # the killed replacement's folder is gone already
+                check_deletable(aside, parent)
+                os.rename(aside, self.dir)
+                print(f"run {self.dir}: restored the run that a replacement killed before its first checkpoint "
+                      f"had moved aside")
+                continue
+            check_deletable(self.dir, parent)
+            check_deletable(aside, parent)
+            for entry in os.listdir(self.dir):  # the killed replacement's files; our lock stays in place
+                if entry != LOCK:
+                    target = os.path.join(self.dir, entry)
+                    shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+            for entry in os.listdir(aside):
+                if entry != LOCK:
+                    os.rename(os.path.join(aside, entry), os.path.join(self.dir, entry))
+            shutil.rmtree(aside)
+            print(f"run {self.dir}: restored the run that a replacement killed before its first checkpoint "
+                  f"had moved aside")
+
+    def _recover_replaced(self) -> None:
+        """__init__, rank 0, before the name is checked: an old run kept aside by a replacement that was
+        killed (kill -9, a power cut) before it settled is put back, or dropped if the replacement had
+        its first checkpoint. Nothing is done while the run is held by a live process."""
+        parent, name = os.path.split(self.dir)
+        if not glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.replaced-*")):
+            return
+        mine = os.path.realpath(self.dir) in _HELD
+        if os.path.isdir(self.dir):
+            self._claim()
+        self._restore_or_drop_aside()
+        if not mine:
+            release(self.dir)
+
+    def _settle(self, keep_new: bool) -> None:
+        """End an --overwrite replacement: keep_new deletes the old run kept aside; otherwise the new
+        run's folder is removed and the old run is put back where it was."""
+        if not self.aside:
+            return
+        parent = os.path.dirname(self.dir)
+        if keep_new:
+            check_deletable(self.aside, parent)
+            shutil.rmtree(self.aside)
+        else:
+            if os.path.exists(self.dir):
+                check_deletable(self.dir, parent)
+                shutil.rmtree(self.dir)
+            release(self.dir)
+            os.rename(self.aside, self.dir)
+            print(f"restored the run {self.dir} that this run was replacing")
+        release(self.aside)
+        self.aside = ''
+        _REPLACING.remove(self)
+
     def _resumed_config(self, config: dict, overrides: dict, may_change: set[str]) -> dict:
         """The checkpoint's config, plus the overrides that may change; UserError for the others."""
         old = dict(self.checkpoint['config'])
@@ -279,9 +595,9 @@ class Run:
         # defaults of keys newer than the checkpoint, then the checkpoint's config, then allowed changes
         resumed = {**config, **old, **{k: v for k, v in overrides.items() if k in allowed}}
         resumed['resume'] = config['resume']
-        resumed['runs_dir'] = os.path.dirname(os.path.dirname(run_dir_of(config['resume'])))
+        resumed['runs_dir'] = os.path.dirname(os.path.dirname(self.dir))
         epoch = self.checkpoint.get('epoch', 0)
-        if epoch >= resumed['epochs'] and os.path.exists(os.path.join(run_dir_of(config['resume']), 'results.json')):
+        if epoch >= resumed['epochs'] and os.path.exists(os.path.join(self.dir, 'results.json')):
             raise UserError(f"{config['resume']} finished all {plural(epoch, 'epoch')} and has results.json: nothing to "
                             f"resume. Evaluate it with `python evaluate.py {config['resume']}`, or start a new run")
         return resumed
@@ -299,9 +615,8 @@ class Run:
         if self.rank != 0:  # under torchrun, rank 0 alone writes
             return
         fresh = self.checkpoint is None
-        if fresh and os.path.exists(self.dir):  # only with overwrite (checked in __init__)
-            shutil.rmtree(self.dir)
-        os.makedirs(self.dir, exist_ok=True)  # checkpoints/ appears with the first checkpoint
+        if fresh or self.imported:  # claim the folder; an old run (overwrite) is kept aside, not deleted
+            self._claim_new()     # checkpoints/ appears with the first checkpoint
         write_json(self.path('config.json'), self.config)
         with open(self.path('command.txt'), 'a') as f:
             f.write(' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\n')
@@ -318,9 +633,14 @@ class Run:
         if (not self.started or self.rank != 0 or self.checkpoint is not None
                 or os.path.exists(self.path('checkpoints', 'last.pt'))):
             return
+        self.discarding = True  # finish() must not settle the replacement in the new run's favour
         self.finish()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        print(f"removed {self.dir}: the run failed before its first checkpoint")
+        if os.path.isdir(self.dir):
+            check_deletable(self.dir, os.path.dirname(self.dir))
+            shutil.rmtree(self.dir, ignore_errors=True)
+            print(f"removed {self.dir}: the run failed before its first checkpoint")
+        self._settle(keep_new=False)
+        release(self.dir)
 
     def _init_wandb(self):
         """A W&B run, falling back to offline, then to none: W&B trouble never stops training.
@@ -366,9 +686,21 @@ class Run:
         self.start()
         if self.tb is None:  # not rank 0
             return
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
+        if os.path.exists(self.path('checkpoints', 'last.pt')):  # training logs after its checkpoints
+            self._settle(keep_new=True)
+        with self._tensorboard():
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
         self._wandb('log', lambda w: w.log(metrics, step=step))
+
+    @contextlib.contextmanager
+    def _tensorboard(self):
+        """A TensorBoard write the disk refuses (its writer thread fails; the next call raises) -> one line."""
+        try:
+            yield
+        except OSError as e:
+            self.tb = None  # closing it would raise the same error again
+            raise cannot_write(f"TensorBoard events in {self.dir}", e) from None
 
     def log_figure(self, name: str, fig, step: int | None = None) -> str:
         """Save as <run>/<name>.png, and send to TensorBoard and W&B. Returns the PNG path."""
@@ -378,7 +710,8 @@ class Run:
             import matplotlib.pyplot as plt
             plt.close(fig)
             return path
-        self.tb.add_figure(name, fig, step, close=False)
+        with self._tensorboard():
+            self.tb.add_figure(name, fig, step, close=False)
         save_figure(fig, path)
 
         def send(w):
@@ -402,12 +735,16 @@ class Run:
         if not self.started:
             return
         if self.tb is not None:
-            self.tb.close()
+            with self._tensorboard():
+                self.tb.close()
             self.tb = None
         if summary:
             self._wandb('summary', lambda w: w.summary.update(summary))
         self._wandb('finish', lambda w: w.finish())
         self.wandb = None
+        if not self.discarding:
+            self._settle(keep_new=True)  # the run ended well (stopped after a checkpoint, or finished)
+            release(self.dir)
 
 
 def _new_wandb_id() -> str:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from config import UserError
+from config import HOW_IT_RUNS, UserError
 from dataset import Data, load_data
 from evaluate import integer_ticks, load_model, plain_log_labels, pyplot, report
 from record import Run, atomic_write, barrier, is_main, load_checkpoint, pick_device, save_figure
@@ -40,10 +40,9 @@ from training import train
 BuildModel = Callable[[dict, Data], nn.Module]  # (config with 'model' and 'depth', data) -> model
 CSV_COLUMNS = ['model', 'depth', 'width', 'params', 'best_val_acc', 'test_acc', 'final_train_loss',
                'train_seconds', 'cell']
-# Keys that do not change what a cell computes: where and how it runs and logs, and the study's own
-# choice of parts and depths. Every other key is part of the cell's identity.
-NOT_IDENTITY = {'resume', 'run_name', 'runs_dir', 'data_dir', 'device', 'amp', 'channels_last', 'compile',
-                'overwrite', 'wandb', 'wandb_project', 'wandb_verbose', 'part', 'depths'}
+# Keys that do not change what a cell computes: where and how it runs and logs (config.HOW_IT_RUNS),
+# and the study's own choice of parts and depths. Every other key is part of the cell's identity.
+NOT_IDENTITY = HOW_IT_RUNS | {'part', 'depths'}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,16 +82,17 @@ def cached_run(exercise: str, config: dict, run_name: str, build_model: BuildMod
                make_data: Callable[[dict, torch.device], Data] = load_data,
                tags: list[str] | None = None) -> tuple[str, dict]:
     """runs/<exercise>/<run_name>, a name that carries the digest of the settings it stands for:
-    reused when it finished (results.json), resumed from its last.pt when it was interrupted,
-    else trained. Returns (run directory, results.json's dict)."""
+    reused when it finished (results.json), resumed from its last.pt when it was interrupted (where
+    and how it runs, config.HOW_IT_RUNS, from this command, not from the checkpoint), else trained.
+    Returns (run directory, results.json's dict)."""
     run_dir = os.path.join(config['runs_dir'], exercise, run_name)
     last = os.path.join(run_dir, 'checkpoints', 'last.pt')
     if os.path.exists(os.path.join(run_dir, 'results.json')):
         print(f"skip {run_dir}: done, same settings")
     else:  # a folder without last.pt never checkpointed: nothing in it to keep
-        train_run(exercise, {**config, 'run_name': run_name, 'overwrite': True,
-                             'resume': last if os.path.exists(last) else ''},
-                  build_model, tags=tags, make_data=make_data)
+        cell = {**config, 'run_name': run_name, 'overwrite': True, 'resume': last if os.path.exists(last) else ''}
+        train_run(exercise, cell, build_model, {k: cell[k] for k in HOW_IT_RUNS if k in cell},
+                  tags=tags, make_data=make_data)
     with open(os.path.join(run_dir, 'results.json')) as f:
         return run_dir, json.load(f)
 
