@@ -1,0 +1,348 @@
+"""Every run comparable and traceable (issue 16, and issue 15's metrics dropped by W&B).
+
+One small run of every script, W&B offline, is made once per module; the tests read back what
+the run left with the loggers' own readers: TensorBoard's EventAccumulator and the W&B
+transaction log (run-<id>.wandb, a LevelDB-style log of protobuf records, read here with W&B's
+own protobuf classes)."""
+import contextlib
+import csv
+import glob
+import io
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from config import cli
+from synthetic import write_cifar10, write_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+W = ['--wandb', 'offline', '--device', 'cpu']
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+def wandb_records(run_dir: str):
+    """The protobuf records of the W&B run under run_dir/wandb/ (exactly one run expected)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    [path] = glob.glob(os.path.join(run_dir, 'wandb', '*run-*', 'run-*.wandb'))
+    with open(path, 'rb') as f:
+        data = f.read()
+    assert data[:4] == b':W&B'
+    pos, chunk = 7, b''  # header: ':W&B', magic (2 bytes), version (1 byte)
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768  # 32 KiB blocks; a block tail too short for a header is padding
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])  # crc32c, length, FULL/FIRST/MIDDLE/LAST
+        if kind == 0:
+            break
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL, LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(chunk)
+            chunk = b''
+            yield record
+
+
+def wandb_run(run_dir: str) -> dict:
+    """{'history': {step: {key: value}}, 'summary': {...}, 'config': {...}} of an offline W&B run."""
+    out: dict = {'history': {}, 'summary': {}, 'config': {}}
+    for r in wandb_records(run_dir):
+        kind = r.WhichOneof('record_type')
+        if kind == 'history':
+            row = {'/'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+            out['history'].setdefault(row['_step'], {}).update(row)
+        elif kind in ('summary', 'config'):
+            for i in getattr(r, kind).update:
+                out[kind]['/'.join(i.nested_key) or i.key] = json.loads(i.value_json)
+    return out
+
+
+def wandb_table(run_dir: str, name: str) -> list[dict]:
+    [path] = glob.glob(os.path.join(run_dir, 'wandb', '*run-*', 'files', 'media', 'table', f'{name}_*.table.json'))
+    with open(path) as f:
+        table = json.load(f)
+    return [dict(zip(table['columns'], row)) for row in table['data']]
+
+
+def tensorboard(run_dir: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(run_dir, size_guidance={'tensors': 0, 'scalars': 0})
+    acc.Reload()
+    return acc
+
+
+def results_of(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, 'results.json')) as f:
+        return json.load(f)
+
+
+def config_of(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, 'config.json')) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# One small run of every script, W&B offline
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """{'root', 'runs_dir', 'out': {script: console}, 'dirs': {script: [run dirs]}}"""
+    import exercise_1_1
+    import exercise_1_2
+    import exercise_1_3
+    import exercise_2_2
+    import exercise_2_3
+    root = tmp_path_factory.mktemp('trace')
+    runs_dir, out = str(root / 'runs'), {}
+    rng = np.random.default_rng(0)
+    write_cifar10(str(root / 'cifar'), {s: (rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
+                                            rng.integers(0, 10, n)) for s, n in (('train', 80), ('test', 40))},
+                  CIFAR_CLASSES)
+    mnist = write_mnist(str(root / 'mnist'), n_train=200, n_test=60)
+    r = ['--runs_dir', runs_dir]
+    commands = {
+        'exercise_1_1': (exercise_1_1, ['--dataset', 'digits', '--hidden', '[16]', '--epochs', '2', *W, *r]),
+        'exercise_1_2': (exercise_1_2, ['--dataset', 'digits', '--part', 'study', '--depths', '[2]', '--study_width',
+                                        '8', '--study_epochs', '1', '--max_steps', '2', *W, *r]),
+        'exercise_1_3': (exercise_1_3, ['--data_dir', str(root / 'cifar'), '--part', 'single', '--widths', '[8,16,32]',
+                                        '--max_steps', '2', '--subset', '64', '--epochs', '1', '--batch_size', '32',
+                                        '--run_name', 'tiny', *W, *r]),
+        'exercise_2_2': (exercise_2_2, ['--data_dir', mnist, '--epochs', '1', '--max_steps', '2', '--finetune_epochs',
+                                        '1', '--finetune_canvases', '12', '--test_canvases', '4', '--val_canvases', '3',
+                                        '--widths', '[4,8,16]', '--figure_canvases', '2', *W, *r]),
+        'exercise_2_3': (exercise_2_3, ['--checkpoint', os.path.join(runs_dir, 'exercise_1_3', 'tiny', 'checkpoints',
+                                                                     'best.pt'), '--part', 'cnn',
+                                        '--faithfulness_images', '8', '--faithfulness_steps', '4',
+                                        '--per_class', '[1,0]', '--batch_size', '16', *W, *r]),
+    }
+    for script, (module, argv) in commands.items():
+        before = set(glob.glob(os.path.join(runs_dir, '*', '*', 'config.json')))
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            cli(module.main, module.config, argv)
+        out[script] = text.getvalue()
+        after = set(glob.glob(os.path.join(runs_dir, '*', '*', 'config.json')))
+        out[script + ' dirs'] = sorted(os.path.dirname(p) for p in after - before)
+    return {'root': root, 'runs_dir': runs_dir, 'out': out}
+
+
+def all_run_dirs(runs) -> list[str]:
+    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(runs['runs_dir'], '*', '*', 'results.json')))
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15 item 4: W&B keeps every metric the console printed
+
+EPOCH = re.compile(r'epoch +(\d+)/\d+ \| train loss ([\d.]+) acc +([\d.]+) \| val loss ([\d.]+) acc +([\d.]+) \| lr (\S+)')
+
+
+def test_wandb_history_has_every_metric_the_console_printed(runs):
+    out = runs['out']
+    # training scripts (every cell and stage too): each epoch line, then the test accuracy
+    for script in ('exercise_1_1', 'exercise_1_2', 'exercise_1_3', 'exercise_2_2'):
+        trained = [d for d in out[script + ' dirs'] if os.path.exists(os.path.join(d, 'checkpoints', 'best.pt'))]
+        assert trained, script
+        printed = EPOCH.findall(out[script])
+        assert len(printed) >= len(trained), script
+        for run_dir in trained:
+            history = wandb_run(run_dir)['history']
+            results = results_of(run_dir)
+            for epoch, row in history.items():
+                if 'train/loss' in row:
+                    line = (str(epoch), f"{row['train/loss']:.4f}", f"{100 * row['train/acc']:6.2f}".strip(),
+                            f"{row['val/loss']:.4f}", f"{100 * row['val/acc']:6.2f}".strip(), f"{row['lr']:.2e}")
+                    assert line in printed, (run_dir, line)
+            epochs = [s for s, row in history.items() if 'train/loss' in row]
+            assert len(epochs) == results['epochs_run'], run_dir
+            assert any(row.get('test/acc') == results['test_acc'] for row in history.values()), run_dir
+            assert f"test acc {100 * results['test_acc']:.2f}%" in out[script]
+    # 2.2: both tracks' printed metrics
+    [detect] = [d for d in out['exercise_2_2 dirs'] if os.path.basename(d).startswith('detect-')]
+    logged = {k: v for row in wandb_run(detect)['history'].values() for k, v in row.items()}
+    for name, label in (('zero_shot', 'A: zero-shot'), ('background', 'B: + background')):
+        line = next(s for s in out['exercise_2_2'].splitlines() if s.startswith(label))
+        for key, printed in (('map_50', r'mAP@0\.5 ([\d.]+)'), ('map', r'mAP@\[\.5:\.95\] ([\d.]+)'),
+                             ('mar_100', r'mAR@100 ([\d.]+)'), ('precision', r' P ([\d.]+)'), ('recall', r' R ([\d.]+)'),
+                             ('f1', r'F1 ([\d.]+)'), ('count_acc', r'count acc ([\d.]+)'),
+                             ('ms_per_canvas', r'\| ([\d.]+) ms/canvas'), ('threshold', r'threshold ([\d.]+)')):
+            value = float(re.search(printed, line).group(1))
+            decimals = len(re.search(printed, line).group(1).split('.')[1])
+            assert round(logged[f'{name}/{key}'], decimals) == pytest.approx(value), (name, key)
+    # 2.3: the test accuracy and every cell of the printed faithfulness table (steps 1-3 were
+    # figures: the old step=0 log was dropped by W&B)
+    [cam] = out['exercise_2_3 dirs']
+    logged = {k: v for row in wandb_run(cam)['history'].values() for k, v in row.items()}
+    acc = float(re.search(r'test acc ([\d.]+)%', out['exercise_2_3']).group(1))
+    assert round(100 * logged['cnn/test_acc'], 2) == pytest.approx(acc)
+    from exercise_2_3 import BETTER, LABELS
+    lines = out['exercise_2_3'].splitlines()
+    for method, label in LABELS.items():
+        [line] = [s for s in lines if s.startswith(f'  {label:<13} ')]
+        printed = re.findall(r'(\d+\.\d+)', line[15:])
+        assert len(printed) == len(BETTER), line
+        for key, value in zip(BETTER, printed):
+            assert f"{logged[f'cnn/{method}/{key}']:.{len(value.split('.')[1])}f}" == value, (method, key)
+
+
+def test_a_step_below_the_current_one_is_not_silent(tmp_path, capsys):
+    """W&B ignores a row logged below its current step: Run.log says so rather than losing it quietly."""
+    from record import Run
+    from exercise_1_1 import config
+    run = Run('exercise_1_1', {**config, 'dataset': 'digits', 'wandb': 'off', 'runs_dir': str(tmp_path), 'device': 'cpu'})
+    run.log({'a': 1.0}, step=3)
+    run.log({'b': 1.0}, step=0)
+    run.finish()
+    assert "['b'] logged at step 0 after step 3" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 2: W&B summary = results.json, results tables as wandb.Tables
+
+def test_wandb_summary_and_config_hold_results_and_provenance(runs):
+    dirs = all_run_dirs(runs)
+    assert len(dirs) == 8  # 1.1; 1.2's two cells; 1.3; 2.2's two stages and detector; 2.3
+    for run_dir in dirs:
+        results, logged = results_of(run_dir), wandb_run(run_dir)
+        flat = {}
+
+        def walk(d, prefix=''):
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(v, f'{prefix}{k}/')
+                elif isinstance(v, (bool, int, float, str)):
+                    flat[prefix + k] = v
+        walk({k: v for k, v in results.items() if k != 'provenance'})
+        assert flat, run_dir
+        for k, v in flat.items():
+            assert logged['summary'].get(k) == (pytest.approx(v) if isinstance(v, float) else v), (run_dir, k)
+        prov = logged['config']['provenance']
+        assert prov['git_commit'] == results['provenance']['git_commit']
+        assert prov['ended'] == results['provenance']['ended']  # the final provenance, not the one at start
+        assert prov['data'] == results['provenance']['data']
+
+
+def test_results_tables_reach_wandb(runs):
+    rd = runs['runs_dir']
+    # the study table = study.csv, in a short W&B run of its own
+    with open(os.path.join(rd, 'exercise_1_2', 'study.csv')) as f:
+        rows = list(csv.DictReader(f))
+    table = wandb_table(os.path.join(rd, 'exercise_1_2', 'study'), 'study')
+    assert [r['cell'] for r in table] == [r['cell'] for r in rows]
+    assert [r['test_acc'] for r in table] == pytest.approx([float(r['test_acc']) for r in rows])
+    # 2.2's track table, 2.3's faithfulness table = results.json
+    [detect] = glob.glob(os.path.join(rd, 'exercise_2_2', 'detect-*'))
+    tracks = results_of(detect)['tracks']
+    table = wandb_table(detect, 'tracks')
+    assert [r['track'] for r in table] == list(tracks)
+    for r in table:
+        assert r['map_50'] == pytest.approx(tracks[r['track']]['map_50'])
+        assert r['f1'] == pytest.approx(tracks[r['track']]['f1'])
+    [cam] = glob.glob(os.path.join(rd, 'exercise_2_3', 'cam-*'))
+    faith = results_of(cam)['cnn']
+    table = wandb_table(cam, 'cnn_faithfulness_table')
+    assert [r['method'] for r in table] == list(faith)
+    for r in table:
+        assert r['deletion_auc'] == pytest.approx(faith[r['method']]['deletion_auc'])
+        assert r['average_drop'] == pytest.approx(faith[r['method']]['average_drop'])
+    assert table[0]['beats_random/insertion_auc'] == faith['cam']['beats_random']['insertion_auc']
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 1: TensorBoard HParams and the config as text
+
+def test_tensorboard_hparams_and_config_text_for_every_run(runs):
+    from tensorboard.plugins.hparams import metadata
+    for run_dir in all_run_dirs(runs):
+        acc, config, results = tensorboard(run_dir), config_of(run_dir), results_of(run_dir)
+        content = acc.PluginTagToContent('hparams')
+        assert metadata.SESSION_START_INFO_TAG in content and metadata.SESSION_END_INFO_TAG in content, run_dir
+        start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+        hp = {k: v.WhichOneof('kind') and getattr(v, v.WhichOneof('kind')) for k, v in start.hparams.items()}
+        assert set(hp) == set(config), run_dir
+        for k, v in config.items():
+            if isinstance(v, (list, dict)) or v is None:
+                assert json.loads(hp[k]) == v, (run_dir, k)  # lists as text
+            else:
+                assert hp[k] == v, (run_dir, k)
+        for key in ('test_acc', 'test_loss', 'best_val_acc', 'epochs_run', 'train_seconds', 'num_params'):
+            if key in results:
+                assert acc.Scalars(f'results/{key}')[-1].value == pytest.approx(results[key], rel=1e-6), (run_dir, key)
+        if 'tracks' in results:
+            assert acc.Scalars('results/tracks/background/map_50')[-1].value == pytest.approx(
+                results['tracks']['background']['map_50'])
+        [text] = acc.Tensors('config/text_summary')
+        markdown = text.tensor_proto.string_val[0].decode()
+        for k, v in config.items():
+            assert f'| {k} | {json.dumps(v)} |' in markdown, (run_dir, k)
+
+
+def test_tables_reach_tensorboard_as_text(runs):
+    rd = runs['runs_dir']
+    [text] = tensorboard(os.path.join(rd, 'exercise_1_2', 'study')).Tensors('study/text_summary')
+    assert text.tensor_proto.string_val[0].decode().startswith('| model | depth | width |')
+    [detect] = glob.glob(os.path.join(rd, 'exercise_2_2', 'detect-*'))
+    assert tensorboard(detect).Tensors('tracks/text_summary')
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 3: provenance
+
+def git_head() -> str:
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def test_provenance_in_every_results_json(runs):
+    for run_dir in all_run_dirs(runs):
+        prov = results_of(run_dir)['provenance']
+        assert prov['git_commit'] == git_head() and isinstance(prov['git_dirty'], bool), run_dir
+        assert prov['command'] == ' '.join(sys.orig_argv) or prov['command'].startswith(os.path.basename(sys.executable)) \
+            or 'pytest' in prov['command']
+        assert prov['python'] == '.'.join(map(str, sys.version_info[:3]))
+        assert prov['torch'] and 'cuda' in prov and prov['device'] == 'cpu' and prov['device_count'] >= 1
+        assert prov['device_name'] and prov['world_size'] == 1
+        assert prov['started'] <= prov['ended'] and prov['ended'].endswith('Z')
+        data = prov['data']
+        if os.path.basename(os.path.dirname(run_dir)) != 'exercise_2_3':
+            assert {'train', 'val', 'test'} <= set(data), run_dir
+            assert all(data[s]['samples'] > 0 and len(data[s]['sha256']) == 16 for s in ('train', 'val', 'test'))
+        else:
+            assert data['cnn_setup']['test']['samples'] > 0
+    # the same data gives the same fingerprint: 2.3 explained 1.3's test split
+    [ex13] = glob.glob(os.path.join(runs['runs_dir'], 'exercise_1_3', 'tiny'))
+    [cam] = glob.glob(os.path.join(runs['runs_dir'], 'exercise_2_3', 'cam-*'))
+    assert results_of(cam)['provenance']['data']['cnn_setup']['test'] == results_of(ex13)['provenance']['data']['test']
+
+
+def test_provenance_never_fails_without_git(tmp_path, monkeypatch):
+    import record
+    monkeypatch.setattr(record, 'REPO', str(tmp_path))  # not a checkout
+    assert record.provenance()['git_commit'] == 'not a git checkout'
+    monkeypatch.setenv('PATH', str(tmp_path))  # no git at all
+    prov = record.provenance('cpu', 1, object(), 'then')
+    assert prov['git_commit'] == 'git is not installed' and prov['git_dirty'] is None
+    assert prov['data']['provenance_error'] and prov['started'] == 'then'  # a strange data object: said, not raised
+
+
+def test_reevaluation_records_provenance(runs, run_script):
+    best = os.path.join(runs['runs_dir'], 'exercise_1_1', os.listdir(os.path.join(runs['runs_dir'], 'exercise_1_1'))[0],
+                        'checkpoints', 'best.pt')
+    done = run_script('evaluate.py', best, env={'OMP_NUM_THREADS': '1'})
+    assert done.returncode == 0, done.stderr
+    with open(best.replace('.pt', '.evaluation.json')) as f:
+        record = json.load(f)
+    results = results_of(os.path.dirname(os.path.dirname(best)))
+    assert record['test_acc'] == pytest.approx(results['test_acc'])
+    assert record['provenance']['command'].split()[1:] == ['evaluate.py', best]
+    assert record['provenance']['data'] == results['provenance']['data']
+    assert record['provenance']['git_commit'] == git_head()
