@@ -322,7 +322,6 @@ class Run:
         self._tensorboard('config text', lambda tb: tb.add_text('config', markdown_table(
             [{'key': k, 'value': json.dumps(v)} for k, v in self.config.items()]), start))
         self.wandb = self._init_wandb()
-        self._wandb('provenance', lambda w: w.config.update({'provenance': self.provenance()}, allow_val_change=True))
 
     def discard(self) -> None:
         """Undo start() for a fresh run that failed before writing any checkpoint: no stub run
@@ -349,7 +348,8 @@ class Run:
         for m in [mode, 'offline'] if mode == 'online' else [mode]:
             try:
                 run = wandb.init(project=self.config['wandb_project'], group=self.exercise, name=self.name,
-                                 id=self.wandb_id, resume='allow', config=self.config, tags=self.tags,
+                                 id=self.wandb_id, resume='allow', tags=self.tags,
+                                 config={**self.config, 'provenance': self.provenance()},  # final one at finish
                                  dir=self.dir, mode=m, settings=wandb.Settings(
                                      init_timeout=60, console='off', silent=not verbose, show_info=verbose))
             except Exception as e:  # noqa: BLE001 - any W&B failure is non-fatal by design
@@ -428,11 +428,11 @@ class Run:
                 self._tensorboard('hparams', lambda tb: self._log_hparams(tb, flat))
             self.tb.close()
             self.tb = None
+        if results:
+            self._wandb('summary', lambda w: w.summary.update(flat))
         if results and 'provenance' in results:
             self._wandb('provenance', lambda w: w.config.update({'provenance': results['provenance']},
                                                                 allow_val_change=True))
-        if results:
-            self._wandb('summary', lambda w: w.summary.update(flat))
         self._wandb('finish', lambda w: w.finish())
         self.wandb = None
 

@@ -334,15 +334,75 @@ def test_provenance_never_fails_without_git(tmp_path, monkeypatch):
     assert prov['data']['provenance_error'] and prov['started'] == 'then'  # a strange data object: said, not raised
 
 
-def test_reevaluation_records_provenance(runs, run_script):
-    best = os.path.join(runs['runs_dir'], 'exercise_1_1', os.listdir(os.path.join(runs['runs_dir'], 'exercise_1_1'))[0],
-                        'checkpoints', 'best.pt')
-    done = run_script('evaluate.py', best, env={'OMP_NUM_THREADS': '1'})
-    assert done.returncode == 0, done.stderr
+def test_reevaluation_records_provenance(runs, monkeypatch):
+    import evaluate
+    [best] = glob.glob(os.path.join(runs['runs_dir'], 'exercise_1_1', 'mlp-*', 'checkpoints', 'best.pt'))
+    monkeypatch.setattr(sys, 'orig_argv', ['python', 'evaluate.py', best])  # as if run from a shell
+    evaluate.main([best])
     with open(best.replace('.pt', '.evaluation.json')) as f:
         record = json.load(f)
     results = results_of(os.path.dirname(os.path.dirname(best)))
     assert record['test_acc'] == pytest.approx(results['test_acc'])
-    assert record['provenance']['command'].split()[1:] == ['evaluate.py', best]
+    assert record['provenance']['command'] == f'python evaluate.py {best}'
     assert record['provenance']['data'] == results['provenance']['data']
     assert record['provenance']['git_commit'] == git_head()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 4: report.py
+
+def test_report_writes_one_table_per_exercise_and_lists_unfinished_runs(runs, capsys):
+    import report
+    rd = runs['runs_dir']
+    stopped = os.path.join(rd, 'exercise_1_1', 'stopped')  # a run that never finished
+    os.makedirs(stopped, exist_ok=True)
+    with open(os.path.join(stopped, 'config.json'), 'w') as f:
+        json.dump({**config_of(glob.glob(os.path.join(rd, 'exercise_1_1', 'mlp-*'))[0]), 'lr': 0.5}, f)
+    try:
+        report.main([rd, '--plot'])
+    finally:
+        os.remove(os.path.join(stopped, 'config.json'))
+        os.rmdir(stopped)
+    printed = capsys.readouterr().out
+    with open(os.path.join(rd, 'report.md')) as f:
+        written = f.read()
+    assert printed.startswith(written)
+    sections = re.split(r'^## ', written, flags=re.M)[1:]
+    assert [s.split('\n')[0] for s in sections] == ['exercise_1_1', 'exercise_1_2', 'exercise_1_3', 'exercise_2_2',
+                                                    'exercise_2_3']
+    tables = {s.split('\n')[0]: [line.strip('| ').split(' | ') for line in s.splitlines()
+                                  if line.startswith('| ') and not line.startswith('| --- ')] for s in sections}
+    head, *rows = tables['exercise_1_1']
+    assert head == ['run', 'lr', 'test acc', 'best val acc (epoch)', 'epochs', 'time', 'device', 'commit']  # lr differs
+    run_dir = glob.glob(os.path.join(rd, 'exercise_1_1', 'mlp-*'))[0]
+    results = results_of(run_dir)
+    mine = rows[[r[0] for r in rows].index(os.path.basename(run_dir))]
+    assert mine[2] == f"{100 * results['test_acc']:.2f}%"
+    assert mine[3] == f"{100 * results['best_val_acc']:.2f}% ({results['best_epoch']})"
+    assert mine[4] == str(results['epochs_run']) and mine[5] == f"{results['train_seconds']:.0f} s"
+    assert mine[6] == results['provenance']['device_name'] and mine[7].rstrip('+') == git_head()[:7]
+    assert rows[[r[0] for r in rows].index('stopped')][1:3] == ['0.5', 'unfinished']
+    head, *rows = tables['exercise_1_2']
+    assert head[:2] == ['run', 'model'] and sorted(r[1] for r in rows) == ['"plain"', '"residual"']  # depth is the same
+    assert '1 finished, 1 unfinished.' in sections[0]
+    for exercise in ('exercise_1_1', 'exercise_1_2', 'exercise_1_3', 'exercise_2_2'):  # runs with val/acc curves
+        assert os.path.getsize(os.path.join(rd, f'report_{exercise}.png')) > 0
+        assert f'](report_{exercise}.png)' in written
+    assert not os.path.exists(os.path.join(rd, 'report_exercise_2_3.png'))  # 2.3 trains nothing: no curve
+
+
+def test_report_record_copies_a_finished_run_only(runs, tmp_path):
+    import report
+    from config import UserError
+    run_dir = glob.glob(os.path.join(runs['runs_dir'], 'exercise_1_3', 'tiny'))[0]
+    target = report.record(run_dir, str(tmp_path / 'results'))
+    assert target == str(tmp_path / 'results' / 'exercise_1_3' / 'tiny')
+    assert sorted(os.listdir(target)) == ['config.json', 'results.json']
+    assert results_of(target) == results_of(run_dir)
+    with pytest.raises(UserError, match='never replaced silently'):
+        report.record(run_dir, str(tmp_path / 'results'))
+    os.makedirs(tmp_path / 'runs' / 'exercise_1_1' / 'half')
+    with pytest.raises(UserError, match='only a finished run'):
+        report.main(['--record', str(tmp_path / 'runs' / 'exercise_1_1' / 'half')])
+    with pytest.raises(UserError, match='no runs under'):
+        report.main([str(tmp_path / 'runs')])
