@@ -154,7 +154,8 @@ def beats(ours: dict, theirs: dict) -> dict[str, bool]:
 def table_rows(table: dict) -> list[dict]:
     """The faithfulness table as rows (one per method) for Run.log_table."""
     return [{'method': m, **{k: v for k, v in row.items() if k in BETTER},
-             **{f'{k}/{metric}': won for k, wins in row.items() if k.startswith('beats_') for metric, won in wins.items()}}
+             **{f'{k}/{metric}': won for k, wins in row.items() if k.startswith('beats_')
+                for metric, won in wins.items()}}
             for m, row in table.items()]
 
 

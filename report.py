@@ -63,7 +63,8 @@ def row_of(run: dict, keys: list[str]) -> list[str]:
     r = run['results']
     if r is None:
         checkpoint = os.path.exists(os.path.join(run['dir'], 'checkpoints', 'last.pt'))
-        return [run['name'], *settings, 'unfinished' + (' (has last.pt)' if checkpoint else ''), '—', '—', '—', '—', '—']
+        status = 'unfinished' + (' (has last.pt)' if checkpoint else '')
+        return [run['name'], *settings, status, '—', '—', '—', '—', '—']
     prov = r.get('provenance') or {}
     test_acc = r.get('test_acc', (r.get('cnn_setup') or {}).get('test_acc'))
     best = percent(r.get('best_val_acc')) + (f" ({r['best_epoch']})" if 'best_epoch' in r else '')
