@@ -165,10 +165,12 @@ def test_wandb_history_has_every_metric_the_console_printed(runs):
                     line = (str(epoch), f"{row['train/loss']:.4f}", f"{100 * row['train/acc']:6.2f}".strip(),
                             f"{row['val/loss']:.4f}", f"{100 * row['val/acc']:6.2f}".strip(), f"{row['lr']:.2e}")
                     assert line in printed, (run_dir, line)
+                    assert {'epoch_seconds', 'samples_per_second'} <= set(row), run_dir  # the line's timings
             epochs = [s for s, row in history.items() if 'train/loss' in row]
             assert len(epochs) == results['epochs_run'], run_dir
-            assert any(row.get('test/acc') == results['test_acc'] for row in history.values()), run_dir
-            assert f"test acc {100 * results['test_acc']:.2f}%" in out[script]
+            assert any(row.get('test/acc') == results['test_acc'] and row.get('test/loss') == results['test_loss']
+                       for row in history.values()), run_dir
+            assert f"test acc {100 * results['test_acc']:.2f}% (loss {results['test_loss']:.4f})" in out[script]
     # 2.2: both tracks' printed metrics
     [detect] = [d for d in out['exercise_2_2 dirs'] if os.path.basename(d).startswith('detect-')]
     logged = {k: v for row in wandb_run(detect)['history'].values() for k, v in row.items()}
