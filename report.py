@@ -54,12 +54,16 @@ def differing(runs: list[dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(r['config'].get(k), sort_keys=True) for r in runs}) > 1]
 
 
+def setting(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
 def percent(x) -> str:
     return f'{100 * x:.2f}%' if isinstance(x, (int, float)) else '—'
 
 
 def row_of(run: dict, keys: list[str]) -> list[str]:
-    settings = [json.dumps(run['config'][k]) if k in run['config'] else '—' for k in keys]
+    settings = [setting(run['config'][k]) if k in run['config'] else '—' for k in keys]
     r = run['results']
     if r is None:
         checkpoint = os.path.exists(os.path.join(run['dir'], 'checkpoints', 'last.pt'))

@@ -388,7 +388,7 @@ def test_report_writes_one_table_per_exercise_and_lists_unfinished_runs(runs, ca
     assert mine[6] == results['provenance']['device_name'] and mine[7].rstrip('+') == git_head()[:7]
     assert rows[[r[0] for r in rows].index('stopped')][1:3] == ['0.5', 'unfinished']
     head, *rows = tables['exercise_1_2']
-    assert head[:2] == ['run', 'model'] and sorted(r[1] for r in rows) == ['"plain"', '"residual"']  # depth is the same
+    assert head[:2] == ['run', 'model'] and sorted(r[1] for r in rows) == ['plain', 'residual']  # depth is the same
     assert '1 finished, 1 unfinished.' in sections[0]
     for exercise in ('exercise_1_1', 'exercise_1_2', 'exercise_1_3', 'exercise_2_2'):  # runs with val/acc curves
         assert os.path.getsize(os.path.join(rd, f'report_{exercise}.png')) > 0
