@@ -436,7 +436,7 @@ class Run:
         self._wandb('finish', lambda w: w.finish())
         self.wandb = None
 
-    # -- comparing runs: HParams, tables, provenance (README, "Where results land") -------------
+    # -- comparing runs: HParams, tables, provenance ---------------------------------------------
 
     def _log_hparams(self, tb, flat: dict) -> None:
         """TensorBoard's HParams tab: the config as hparams (lists and dicts as JSON text), the
@@ -477,7 +477,7 @@ def _new_wandb_id() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Provenance and tables (README, "Where results land")
+# Provenance and tables: what makes runs comparable and traceable (report.py reads them back)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
