@@ -6,10 +6,11 @@
 checkpoint, and writes results.json and the figures (through record.py, like every file).
 
 As a script: `python evaluate.py runs/exercise_1_1/<run>/checkpoints/best.pt` re-evaluates a
-checkpoint on its test split.
+checkpoint on its test split and records it, with its provenance, in best.evaluation.json.
 """
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
@@ -160,6 +161,7 @@ def report(run: Run, model: nn.Module, data: Data, history: list[dict]) -> dict:
         'num_params': models.num_params(model), 'dataset': data.name, 'device': str(run.device),
         'torch_version': torch.__version__, 'world_size': run.world,
         'per_class_acc': [round(a, 6) for a in test['per_class_acc']],
+        'provenance': run.provenance(data),
     }
     if not is_main():
         run.finish()
@@ -171,7 +173,7 @@ def report(run: Run, model: nn.Module, data: Data, history: list[dict]) -> dict:
                                                f"{data.name} test, acc {100 * test['acc']:.2f}%"))
     print(f"test acc {100 * test['acc']:.2f}% (loss {test['loss']:.4f}) with best.pt from epoch "
           f"{best['best_epoch']} (val acc {100 * best['best_val_acc']:.2f}%) -> {run.path('results.json')}")
-    run.finish({k: v for k, v in results.items() if k != 'per_class_acc'})
+    run.finish(results)
     return results
 
 
@@ -183,17 +185,27 @@ was trained on (the checkpoint's config: dataset, data_dir, val_split, subset)."
 
 def main(argv: list[str]) -> None:
     from dataset import load_data
-    from record import pick_device
+    from record import now, pick_device, provenance
     if argv in (['-h'], ['--help']):
         print(USAGE)
         return
     if len(argv) != 1 or argv[0].startswith('-'):
         raise UserError("usage: python evaluate.py PATH/TO/checkpoint.pt (see --help)")
+    started = now()
     model, ckpt = load_model(argv[0])
     device = pick_device(ckpt['config']['device'])
     data = load_data(ckpt['config'], device)
     test = evaluate(model.to(device), data.test)
     print(f"{argv[0]}: {data.name} test acc {100 * test['acc']:.2f}% loss {test['loss']:.4f}")
+    # the re-evaluation's own record, beside the checkpoint: best.pt -> best.evaluation.json
+    path = os.path.splitext(argv[0])[0] + '.evaluation.json'
+    try:
+        write_json(path, {'checkpoint': os.path.abspath(argv[0]), 'test_acc': test['acc'], 'test_loss': test['loss'],
+                          'per_class_acc': [round(a, 6) for a in test['per_class_acc']],
+                          'provenance': provenance(device, 1, data, started)})
+        print(f"-> {path}")
+    except OSError as e:  # a read-only checkpoint folder: the printed line is the result
+        print(f"warning: could not write {path} ({e.strerror})")
 
 
 if __name__ == '__main__':

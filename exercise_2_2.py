@@ -319,6 +319,8 @@ def main(config: dict, overrides: dict) -> dict:
     }
     for name, t in tracks.items():
         run.log({f'{name}/{k}': v for k, v in t['metrics'].items() if isinstance(v, (int, float))}, step=0)
+    run.log_table('tracks', [{'track': name, **{k: v for k, v in t['metrics'].items() if isinstance(v, (int, float))}}
+                             for name, t in tracks.items()])
     title = f"{data.name}: {len(test)} test-split canvases of {config['canvas_size']} px"
     figures = {
         'detections': detect.plot_detections(test, {TRACKS[n]: t['preds'] for n, t in tracks.items()}, data.classes,
@@ -334,11 +336,11 @@ def main(config: dict, overrides: dict) -> dict:
     }
     results['figures'] = run.log_figures(figures, os.path.join(HERE, config['assets_dir']) if config['assets'] else None,
                                          'ex22_')
+    results['provenance'] = run.provenance(data)
     write_json(run.path('results.json'), results)
     print_table(results)
     print(f"-> {run.path('results.json')}")
-    run.finish({f'{n}/{k}': v for n, t in results['tracks'].items() for k, v in t.items()
-                if isinstance(v, (int, float))})
+    run.finish(results)
     return results
 
 

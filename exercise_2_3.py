@@ -44,7 +44,7 @@ from dataset import Split, load_data, load_imagenette, spread
 from evaluate import load_model, pyplot
 from explain import (average_drop_increase, cam, deletion_insertion_auc, grad_cam, grad_cam_pp, overlay,
                      predict, random_maps)
-from record import Run, write_json
+from record import Run, data_fingerprint, split_fingerprint, write_json
 
 EXERCISE = 'exercise_2_3'
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -149,6 +149,14 @@ def beats(ours: dict, theirs: dict) -> dict[str, bool]:
     Rounded first: a tie (the same count of images, say) must not "win" on float summation noise."""
     ours, theirs = ({k: round(t[k], 6) for k in BETTER} for t in (ours, theirs))
     return {k: ours[k] < theirs[k] if better == 'lower' else ours[k] > theirs[k] for k, better in BETTER.items()}
+
+
+def table_rows(table: dict) -> list[dict]:
+    """The faithfulness table as rows (one per method) for Run.log_table."""
+    return [{'method': m, **{k: v for k, v in row.items() if k in BETTER},
+             **{f'{k}/{metric}': won for k, wins in row.items() if k.startswith('beats_')
+                for metric, won in wins.items()}}
+            for m, row in table.items()]
 
 
 def pick_examples(y: Tensor, pred: Tensor, n_correct: int, n_wrong: int, num_classes: int) -> dict[str, list[int]]:
@@ -330,9 +338,10 @@ def explain_cnn(run: Run, model: nn.Module, ckpt: dict, config: dict, overrides:
     paths += save_figures(run, {'cnn_faithfulness': plot_faithfulness(curves, table, title)}, config, config['assets'])
     run.log({'cnn/test_acc': acc, **{f'cnn/{m}/{k}': v for m, row in table.items() for k, v in row.items()
                                      if k in BETTER}}, step=0)
+    run.log_table('cnn_faithfulness_table', table_rows(table))
     return {'cnn': table, 'cnn_setup': {'checkpoint': config['checkpoint'], 'dataset': data.name,
                                         'data_dir': data_config['data_dir'], 'test_acc': acc,
-                                        'test_images': len(test), **info},
+                                        'test_images': len(test), **info, 'data': data_fingerprint(data)},
             'cnn_curves': curves, 'figures': paths}
 
 
@@ -407,11 +416,13 @@ def explain_resnet(run: Run, config: dict) -> dict:
     paths += save_figures(run, {'resnet18_faithfulness': plot_faithfulness(curves, table, title)}, config, to_assets)
     run.log({'resnet18/zero_shot_acc': acc, **{f'resnet18/{m}/{k}': v for m, row in table.items()
                                                         for k, v in row.items() if k in BETTER}}, step=0)
+    run.log_table('resnet18_faithfulness_table', table_rows(table))
     return {'resnet18': table, 'resnet18_weights': config['weights'], 'resnet18_zero_shot_acc': acc,
             'resnet18_per_class_acc': dict(zip(classes, per_class)),
             'resnet18_setup': {'weights': 'random weights' if random else 'ImageNet (IMAGENET1K_V1)',
                                'head': f'ImageNet fc rows {IMAGENETTE_TO_IMAGENET}, softmax over these ten',
-                               'val_images': len(val), 'image_size': config['image_size'], **info},
+                               'val_images': len(val), 'image_size': config['image_size'], **info,
+                               'data': {'dataset': 'imagenette', 'val': split_fingerprint(val)}},
             'resnet18_curves': curves, 'figures': paths}
 
 
@@ -455,9 +466,11 @@ def main(config: dict, overrides: dict) -> dict:
                     f"zero-shot acc {100 * results['resnet18_zero_shot_acc']:.2f}%)")
     results['summary'] = '; '.join(done)
     run.start()
+    results['provenance'] = run.provenance({k: results[k]['data'] for k in ('cnn_setup', 'resnet18_setup')
+                                            if isinstance(results.get(k), dict)})
     write_json(run.path('results.json'), results)
     print(f"\n{results['summary']} -> {run.path('results.json')}")
-    run.finish({k: v for k, v in results.items() if k in ('summary', 'resnet18_zero_shot_acc')})
+    run.finish(results)
     return results
 
 

@@ -6,7 +6,7 @@ nothing here imports them, so the import graph has no cycle.
     run = Run('exercise_1_1', config, overrides, name='mlp')  # checks everything, writes nothing
     ...load data, build the model...
     run.start()          # runs/<exercise>/<name>/: config.json, command.txt, TensorBoard, W&B
-    run.log({...}, step); run.log_figure('curves', fig); run.finish(summary)
+    run.log({...}, step); run.log_figure('curves', fig); run.finish(results)
 
 Rules a run keeps (README, "Runs you can trust"):
 - every file is written atomically (atomic_write): a crash leaves the old file or the new one;
@@ -24,14 +24,19 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import glob
+import hashlib
 import io
 import json
 import os
+import platform
 import re
 import secrets
+import shlex
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -362,6 +367,8 @@ class Run:
     def __init__(self, exercise: str, config: dict, overrides: dict | None = None,
                  name: str = 'run', tags: list[str] | None = None, may_change: tuple[str, ...] = ()):
         self.exercise, self.tags = exercise, tags or []
+        self.started_at = now()  # provenance: when this run (or this resumed session) began
+        git_state()  # ... and the code it runs: read once per process, before anyone edits the tree
         self.rank, self.world = init_distributed(pick_device(config['device']))
         check_runs_dir(config['runs_dir'], exercise)
         config = dict(config)  # resume='auto' resolves into our copy, not the caller's dict
@@ -403,6 +410,7 @@ class Run:
         torch.manual_seed(config['seed'])  # before the script builds its model
         self.started = False
         self.tb = self.wandb = None
+        self.step = 0  # the highest step logged: W&B drops any row logged below it
 
     # -- deciding: fresh or resumed, and with which config ------------------------------------
 
@@ -625,6 +633,9 @@ class Run:
         from torch.utils.tensorboard import SummaryWriter  # lazy: heavy import
         start = len(self.checkpoint.get('history', [])) if self.checkpoint else 0
         self.tb = SummaryWriter(self.dir, purge_step=start + 1)  # drop epochs a killed run logged twice
+        self.step = start
+        self._tensorboard_extra('config text', lambda tb: tb.add_text('config', markdown_table(
+            [{'key': k, 'value': json.dumps(v)} for k, v in self.config.items()]), start))
         self.wandb = self._init_wandb()
 
     def discard(self) -> None:
@@ -657,7 +668,8 @@ class Run:
         for m in [mode, 'offline'] if mode == 'online' else [mode]:
             try:
                 run = wandb.init(project=self.config['wandb_project'], group=self.exercise, name=self.name,
-                                 id=self.wandb_id, resume='allow', config=self.config, tags=self.tags,
+                                 id=self.wandb_id, resume='allow', tags=self.tags,
+                                 config={**self.config, 'provenance': self.provenance()},  # final one at finish
                                  dir=self.dir, mode=m, settings=wandb.Settings(
                                      init_timeout=60, console='off', silent=not verbose, show_info=verbose))
             except Exception as e:  # noqa: BLE001 - any W&B failure is non-fatal by design
@@ -688,6 +700,10 @@ class Run:
             return
         if os.path.exists(self.path('checkpoints', 'last.pt')):  # training logs after its checkpoints
             self._settle(keep_new=True)
+        if step < self.step:  # W&B would drop the row ("less than the current step"): a bug, say so
+            print(f"warning: {sorted(metrics)} logged at step {step} after step {self.step}; W&B ignores them",
+                  flush=True)
+        self.step = max(self.step, step)
         with self._tensorboard():
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
@@ -710,13 +726,15 @@ class Run:
             import matplotlib.pyplot as plt
             plt.close(fig)
             return path
+        step = self.step if step is None else step  # the current step: a W&B log without one advances it
+        self.step = max(self.step, step)
         with self._tensorboard():
             self.tb.add_figure(name, fig, step, close=False)
         save_figure(fig, path)
 
         def send(w):
             import wandb
-            w.log({name: wandb.Image(path)})
+            w.log({name: wandb.Image(path)}, step=self.step)
         self._wandb(f'figure {name}', send)
         return path
 
@@ -731,21 +749,218 @@ class Run:
                 paths.append(copy_file(paths[-1], os.path.join(copy_to, f'{prefix}{name}.png')))
         return paths
 
-    def finish(self, summary: dict | None = None) -> None:
+    def finish(self, results: dict | None = None) -> None:
+        """Close TensorBoard and W&B. With the run's results (results.json's dict): TensorBoard's
+        HParams get the config and the numeric results, W&B's summary every result (flat_results)
+        and W&B's config the final provenance."""
         if not self.started:
             return
+        flat = flat_results(results or {})
         if self.tb is not None:
+            if results:
+                self._tensorboard_extra('hparams', lambda tb: self._log_hparams(tb, flat))
             with self._tensorboard():
                 self.tb.close()
             self.tb = None
-        if summary:
-            self._wandb('summary', lambda w: w.summary.update(summary))
+        if results:
+            self._wandb('summary', lambda w: w.summary.update(flat))
+        if results and 'provenance' in results:
+            self._wandb('provenance', lambda w: w.config.update({'provenance': results['provenance']},
+                                                                allow_val_change=True))
         self._wandb('finish', lambda w: w.finish())
         self.wandb = None
         if not self.discarding:
             self._settle(keep_new=True)  # the run ended well (stopped after a checkpoint, or finished)
             release(self.dir)
 
+    # -- comparing runs: HParams, tables, provenance ---------------------------------------------
+
+    def _log_hparams(self, tb, flat: dict) -> None:
+        """TensorBoard's HParams tab: the config as hparams (lists and dicts as JSON text), the
+        numeric results as metrics (scalars tagged results/<key>, at the last step)."""
+        from torch.utils.tensorboard.summary import hparams
+        params = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in self.config.items()}
+        metrics = {f'results/{k}': v for k, v in flat.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        # no experiment summary: TensorBoard then builds the table from every run's hparams and
+        # scalars, so runs of different exercises (different keys) sit in one logdir side by side
+        _, start_info, end_info = hparams(params, metrics)
+        tb.file_writer.add_summary(start_info)
+        for k, v in metrics.items():
+            tb.add_scalar(k, v, self.step)
+        tb.file_writer.add_summary(end_info)
+
+    def log_table(self, name: str, rows: list[dict]) -> None:
+        """A results table (one dict per row) to W&B as a wandb.Table and to TensorBoard as text."""
+        self.start()
+        if self.tb is None:  # not rank 0
+            return
+        self._tensorboard_extra(f'table {name}', lambda tb: tb.add_text(name, markdown_table(rows), self.step))
+        self._wandb(f'table {name}', lambda w: w.log({name: wandb_table(rows)}, step=self.step))
+
+    def provenance(self, data=None) -> dict:
+        return provenance(self.device, self.world, data, self.started_at)
+
+    def _tensorboard_extra(self, what: str, call: Callable[[Any], Any]) -> None:
+        """call(SummaryWriter), guarded: an extra TensorBoard record never costs the run."""
+        try:
+            call(self.tb)
+        except Exception as e:  # noqa: BLE001 - logging trouble never stops a run
+            print(f"warning: TensorBoard {what} failed ({type(e).__name__}: {e}); the run goes on", flush=True)
+
 
 def _new_wandb_id() -> str:
     return secrets.token_hex(4)  # 8 hex characters, as W&B's own ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance and tables: what makes runs comparable and traceable (report.py reads them back)
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def now() -> str:
+    return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+
+
+def provenance(device: torch.device | str = 'cpu', world: int = 1, data=None, started: str | None = None) -> dict:
+    """Where a result came from: code (git commit, uncommitted changes), exact command line,
+    versions, device, world size, data (sample counts and a hash of every split's tensors) and
+    times. Never raises: whatever cannot be found says why instead."""
+    device = torch.device(device)
+    out = {**_guarded(git_state), 'command': shlex.join(getattr(sys, 'orig_argv', sys.argv)), 'cwd': os.getcwd(),
+           'python': platform.python_version(), 'torch': torch.__version__, 'cuda': torch.version.cuda,
+           **_guarded(lambda: device_info(device)), 'world_size': world,
+           'data': _guarded(lambda: data_fingerprint(data)) if data is not None else None,
+           'started': started, 'ended': now()}
+    return out
+
+
+def _guarded(call: Callable[[], dict]) -> dict:
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - provenance must never fail a run
+        return {'provenance_error': f'{type(e).__name__}: {e}'}
+
+
+def git_state() -> dict:
+    """{'git_commit': sha or why there is none, 'git_dirty': uncommitted changes (None if unknown)}
+    of the code this process imported: read at the first call (Run() makes it), then remembered."""
+    return dict(_git_state(REPO, os.environ.get('PATH', '')))
+
+
+@functools.lru_cache(maxsize=None)
+def _git_state(repo: str, path: str) -> tuple:  # path: $PATH, part of the key (which git, if any)
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(['git', *args], cwd=repo, capture_output=True, text=True, timeout=10)
+    try:
+        head = git('rev-parse', 'HEAD')
+        if head.returncode != 0:
+            return ('git_commit', 'not a git checkout'), ('git_dirty', None)
+        status = git('status', '--porcelain')  # tracked changes and untracked files (runs/, data/ are ignored)
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+        return ('git_commit', head.stdout.strip()), ('git_dirty', dirty)
+    except FileNotFoundError:
+        return ('git_commit', 'git is not installed'), ('git_dirty', None)
+    except Exception as e:  # noqa: BLE001 - a timeout, a strange git: provenance never fails a run
+        return ('git_commit', f'git failed ({type(e).__name__})'), ('git_dirty', None)
+
+
+def device_info(device: torch.device) -> dict:
+    """The device's name (GPU name, or CPU model) and how many there are (GPUs, or CPU cores)."""
+    if device.type == 'cuda':
+        return {'device': str(device), 'device_name': torch.cuda.get_device_name(device),
+                'device_count': torch.cuda.device_count()}
+    name = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), name)
+    except OSError:
+        pass
+    return {'device': str(device), 'device_name': name, 'device_count': os.cpu_count(),
+            'torch_threads': torch.get_num_threads()}
+
+
+def data_fingerprint(data) -> dict:
+    """Sample counts and a SHA-256 (16 hex digits) of each split's images and labels exactly as
+    trained and tested on (after parsing and splitting): equal hashes, equal data. `data` is a
+    dataset.Data, or a fingerprint already made (a dict, passed through)."""
+    if isinstance(data, dict):
+        return data
+    return {'dataset': data.name, **{name: split_fingerprint(getattr(data, name)) for name in ('train', 'val', 'test')}}
+
+
+def split_fingerprint(split) -> dict:
+    """{'samples', 'sha256'} of a split's x and y tensors; never raises (provenance never fails a run)."""
+    try:
+        h = hashlib.sha256()
+        for t in (split.x, split.y):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return {'samples': len(split.y), 'sha256': h.hexdigest()[:16]}
+    except Exception as e:  # noqa: BLE001
+        return {'samples': len(getattr(split, 'y', ())), 'sha256': f'unknown ({type(e).__name__})'}
+
+
+def flat_results(results: dict, prefix: str = '') -> dict:
+    """results.json's scalars (numbers, booleans, strings) with nested keys joined by '/'; lists
+    (curves, per-class values) and the provenance block (in the W&B config) are left out."""
+    out = {}
+    for k, v in results.items():
+        if k == 'provenance' and not prefix:
+            continue
+        if isinstance(v, dict):
+            out.update(flat_results(v, f'{prefix}{k}/'))
+        elif isinstance(v, (bool, int, float, str)):
+            out[f'{prefix}{k}'] = v
+    return out
+
+
+def table_columns(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for row in rows for k in row))
+
+
+def _cell(v: Any) -> Any:
+    return v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = table_columns(rows)
+    lines = ['| ' + ' | '.join(columns) + ' |', '|' + ' --- |' * len(columns)]
+    lines += ['| ' + ' | '.join(str(_cell(row.get(c, ''))) for c in columns) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def wandb_table(rows: list[dict]):
+    import wandb
+    columns = table_columns(rows)
+    return wandb.Table(columns=columns, data=[[_cell(row.get(c)) for c in columns] for row in rows])
+
+
+def log_tables(exercise: str, config: dict, folder: str, tables: dict[str, list[dict]]) -> None:
+    """Tables that belong to no single run (a study's grid) as TensorBoard text in `folder` and as
+    wandb.Tables of a short W&B run (job_type 'table', grouped with the exercise's runs). Logging
+    trouble prints one warning and never stops the caller."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        os.makedirs(folder, exist_ok=True)
+        with SummaryWriter(folder) as tb:
+            for name, rows in tables.items():
+                tb.add_text(name, markdown_table(rows))
+    except Exception as e:  # noqa: BLE001 - logging trouble never stops a run
+        print(f"warning: TensorBoard tables failed ({type(e).__name__}: {e})")
+    if config.get('wandb', 'off') == 'off':
+        return
+    try:
+        import wandb
+        verbose = config.get('wandb_verbose', False)
+        run = wandb.init(project=config['wandb_project'], group=exercise, job_type='table',
+                         name=f'{os.path.basename(folder)}-{time.strftime("%Y%m%d-%H%M%S")}', dir=folder,
+                         mode=config['wandb'], config={**config, 'provenance': provenance()}, reinit='create_new',
+                         settings=wandb.Settings(init_timeout=60, console='off', silent=not verbose,
+                                                 show_info=verbose))
+        try:
+            run.log({name: wandb_table(rows) for name, rows in tables.items()}, step=0)
+        finally:
+            run.finish()
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: W&B tables failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from config import HOW_IT_RUNS, UserError
 from dataset import Data, load_data
 from evaluate import integer_ticks, load_model, plain_log_labels, pyplot, report
-from record import Run, atomic_write, barrier, is_main, load_checkpoint, pick_device, save_figure
+from record import Run, atomic_write, barrier, is_main, load_checkpoint, log_tables, pick_device, save_figure
 from training import train
 
 BuildModel = Callable[[dict, Data], nn.Module]  # (config with 'model' and 'depth', data) -> model
@@ -124,7 +124,8 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
     """The 'study' and 'grads' parts of exercises 1.2 and 1.3 (config['part'] picks them).
 
     study: every cell of `study` (the exercise's config with its study width and epochs) over
-    config['depths'] -> runs/<exercise>/study.csv, study_acc.png, study_loss.png.
+    config['depths'] -> runs/<exercise>/study.csv, study_acc.png, study_loss.png; the table also
+    to TensorBoard (runs/<exercise>/study/) and W&B (a wandb.Table).
     grads: per-layer gradient norms of those cells at init and trained -> grad_norms.png.
     """
     out_dir = os.path.join(config['runs_dir'], exercise)
@@ -134,6 +135,8 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
             rows = []
     if config['part'] in ('study', 'all') and rows:
         write_csv(rows, os.path.join(out_dir, 'study.csv'))
+        log_tables(exercise, study, os.path.join(out_dir, 'study'),
+                   {'study': [{c: r[c] for c in CSV_COLUMNS} for r in rows]})
         save_figure(plot_study(rows, title=f'test accuracy ({title})', xlabel=xlabel),
                     os.path.join(out_dir, 'study_acc.png'))
         save_figure(plot_loss_curves(rows, title=f'training loss ({title})'), os.path.join(out_dir, 'study_loss.png'))
