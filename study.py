@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from config import UserError
 from dataset import Data, load_data
 from evaluate import integer_ticks, load_model, plain_log_labels, pyplot, report
-from record import Run, atomic_write, barrier, is_main, load_checkpoint, pick_device, save_figure
+from record import Run, atomic_write, barrier, init_distributed, is_main, load_checkpoint, pick_device, save_figure
 from training import train
 
 BuildModel = Callable[[dict, Data], nn.Module]  # (config with 'model' and 'depth', data) -> model
@@ -88,7 +88,8 @@ def cached_run(exercise: str, config: dict, run_name: str, build_model: BuildMod
     run_dir = os.path.join(config['runs_dir'], exercise, run_name)
     last = os.path.join(run_dir, 'checkpoints', 'last.pt')
     if os.path.exists(os.path.join(run_dir, 'results.json')):
-        print(f"skip {run_dir}: done, same settings")
+        if is_main():
+            print(f"skip {run_dir}: done, same settings")
     else:  # a folder without last.pt never checkpointed: nothing in it to keep
         train_run(exercise, {**config, 'run_name': run_name, 'overwrite': True,
                              'resume': last if os.path.exists(last) else ''},
@@ -126,7 +127,10 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
     study: every cell of `study` (the exercise's config with its study width and epochs) over
     config['depths'] -> runs/<exercise>/study.csv, study_acc.png, study_loss.png.
     grads: per-layer gradient norms of those cells at init and trained -> grad_norms.png.
+    Under torchrun, rank 0 alone prints and writes: the process group is joined here, because a
+    study whose cells are all finished (or the grads part alone) starts no run that would join it.
     """
+    init_distributed(pick_device(config['device']))
     out_dir = os.path.join(config['runs_dir'], exercise)
     if config['part'] in ('study', 'all'):
         rows = run_study(exercise, study, build_model, depths=config['depths'])
