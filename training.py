@@ -191,6 +191,10 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
 
     ck = run.checkpoint
     if ck is not None:
+        lacking = [k for k in ('optimizer', 'scheduler', 'rng') if not isinstance(ck.get(k), dict)]
+        if lacking:
+            raise UserError(f"{config['resume']} holds no training state to resume (no {', '.join(lacking)}); "
+                            f"expected a last.pt or best.pt written by training.train")
         if ck['model_class'] != type(model).__name__ or ck['model_args'] != model.args:
             raise UserError(f"{config['resume']} holds a {ck['model_class']}{ck['model_args']}, but this run built "
                             f"a {type(model).__name__}{model.args}")
