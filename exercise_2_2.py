@@ -313,7 +313,10 @@ def main(config: dict, overrides: dict) -> dict:
     if not config['checkpoint']:
         train_stage('classifier', stage, classifier_identity, load_data, build_classifier)
         classifier, ckpt = load_model(path, expect=(CNN, MLP), what=CLASSIFIER_CHECKPOINT)
-    detect.fully_convolutionalize(classifier, (1, WINDOW, WINDOW))  # a model that cannot be converted stops here
+    try:  # a model that cannot be converted stops here
+        detect.fully_convolutionalize(classifier, (1, WINDOW, WINDOW))
+    except UserError as e:
+        raise UserError(f"{path}: {e}; expected {CLASSIFIER_CHECKPOINT}") from None
     data_config = {**ckpt['config'], 'subset': config['subset'], 'augment': False}
     if 'data_dir' in overrides or config['checkpoint'] == '':
         data_config['data_dir'] = config['data_dir']
