@@ -227,9 +227,8 @@ def main(argv: list[str]) -> None:
         raise UserError("usage: python evaluate.py PATH/TO/checkpoint.pt (see --help)")
     what = "a classifier's checkpoint (best.pt or last.pt of exercise 1.1, 1.2, 1.3 or 2.2's classifier stage)"
     model, ckpt = load_model(argv[0], what=what)
-    config = ckpt['config']
-    device = pick_device(config.get('device', 'auto'))
-    data = load_data(config, device)
+    device = pick_device('auto')  # where it runs now, not where it trained: a CUDA run's checkpoint on a CPU box
+    data = load_data(ckpt['config'], device)
     check_model_on_data(model, data, argv[0], what)
     test = evaluate(model.to(device), data.test)
     print(f"{argv[0]}: {data.name} test acc {100 * test['acc']:.2f}% loss {test['loss']:.4f}")

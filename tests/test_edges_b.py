@@ -68,6 +68,11 @@ def test_checkpoints_a_script_cannot_use_are_one_line(tmp_path, config, capsys):
             evaluate.main([path])
         assert '\n' not in str(e.value) and "expected a classifier's checkpoint" in str(e.value)
 
+    # a usable checkpoint trained on CUDA is evaluated where evaluate.py runs (was: "CUDA is not available")
+    cuda_run = save(tmp_path / 'cuda.pt', MLP(64, [16], 10), {**config, 'device': 'cuda'})
+    evaluate.main([cuda_run])
+    assert 'digits test acc' in capsys.readouterr().out
+
     # --resume of a file that holds a model but no training state (was: KeyError 'scheduler')
     os.makedirs(os.path.join(runs, 'exercise_1_1', 'x', 'checkpoints'))
     bare = save(os.path.join(runs, 'exercise_1_1', 'x', 'checkpoints', 'last.pt'), model, config)
