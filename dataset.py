@@ -16,6 +16,7 @@ with zero padding, and a horizontal flip where mirrored images keep their label)
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 import os
 import pickle
@@ -217,7 +218,7 @@ class _Array:
                 and isinstance(dtype, _Dtype) and isinstance(raw, bytes) and fortran in (0, 1)):
             raise pickle.UnpicklingError("an array state that is not (shape, plain dtype, fortran, bytes)")
         dt = dtype.numpy()
-        if len(raw) != int(np.prod(shape)) * dt.itemsize:
+        if len(raw) != math.prod(shape) * dt.itemsize:  # exact (Python ints): no overflow to match
             raise pickle.UnpicklingError(f"array of shape {shape} and dtype {dt} with {len(raw)} bytes")
         self.array = np.frombuffer(raw, dtype=dt).reshape(shape, order='F' if fortran else 'C').copy()
 
