@@ -73,7 +73,7 @@ config = {
     'finetune_epochs': 3,           # passes over those crops
     'finetune_lr': 1e-3,            # peak lr of the fine-tune, cosine-annealed
     'random_crops': 3,              # per canvas: crops anywhere (mostly empty or partial -> background)
-    'max_shift': 4,                 # px: a crop centred within this (+ 0.5 for odd sizes, y and x) on an object is that class
+    'max_shift': 4,                 # px: crops centred this near an object (y, x; +0.5 if odd-sized) are its class
     # canvases
     'canvas_size': 100,             # px, square, black
     'objects': [3, 6],              # images per canvas, [min, max]
