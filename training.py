@@ -101,7 +101,7 @@ class Progress:
     every 10% of an epoch (at most one per 5 s) or every 30 s, with the running loss (this process's)
     and samples/s of all processes together, the rate the epoch line shows."""
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool, world: int = 1):
         self.tty = enabled and sys.stderr.isatty()
         self.lines = enabled and not self.tty
         self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, disable=not self.tty)
@@ -109,6 +109,7 @@ class Progress:
         self.every = max(1, total // 10)
         self.t0 = self.last = time.perf_counter()
         self.samples = 0  # of all processes, timed here (not those trained before a resume)
+        self.loss_label = 'loss (rank 0)' if world > 1 else 'loss'  # summing it over ranks would sync them all
 
     def update(self, sums: torch.Tensor, samples: int) -> None:
         """sums = (loss * n, correct, n) of this process on the device, read (a GPU sync) only when
@@ -125,8 +126,8 @@ class Progress:
             loss, _, n = sums.tolist()
             now = time.perf_counter()
             rate = self.samples / (now - self.t0)
-            print(f"  {self.desc} {100 * self.step / self.total:3.0f}% | loss {loss / n:.4f} | {rate:,.0f} samples/s",
-                  flush=True)
+            print(f"  {self.desc} {100 * self.step / self.total:3.0f}% | {self.loss_label} {loss / n:.4f} | "
+                  f"{rate:,.0f} samples/s", flush=True)
             self.last = now
 
     def close(self) -> None:
@@ -264,7 +265,7 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
                 model.train()
                 t0 = time.perf_counter()
                 progress = Progress(steps_per_epoch, state['batch'], f'epoch {epoch + 1}/{config["epochs"]}',
-                                    enabled=rank == 0)
+                                    enabled=rank == 0, world=world)
                 batches = data.train.batches(bs, state['order'].to(device), start=state['batch'],
                                              generator=augment_generator)
                 stopped = False

@@ -223,14 +223,14 @@ def test_nan_message_names_last_pt_only_when_there_is_one(config, capsys):
 
 def test_progress_lines_show_every_process_samples_per_second(capsys, monkeypatch):
     """Under torchrun each process trains a slice (here 20 of a global batch of 40): the progress
-    line gives the global rate, as the epoch line does, not this process's."""
+    line gives the global rate, as the epoch line does, not this process's; its loss says whose it is."""
     clock = [0.0]
     monkeypatch.setattr(training.time, 'perf_counter', lambda: clock[0])
-    progress = training.Progress(20, 0, 'epoch 1/1', enabled=True)
+    progress = training.Progress(20, 0, 'epoch 1/1', enabled=True, world=2)
     sums = torch.zeros(3)
     for step in range(1, 7):
         clock[0] = float(step)                                      # one second per step
         sums += torch.tensor([20 * 0.5, 10, 20])                    # this process: 20 samples per step
         progress.update(sums, 40)
     progress.close()
-    assert capsys.readouterr().out.strip() == 'epoch 1/1  30% | loss 0.5000 | 40 samples/s'
+    assert capsys.readouterr().out.strip() == 'epoch 1/1  30% | loss (rank 0) 0.5000 | 40 samples/s'
