@@ -3,6 +3,7 @@
   fully_convolutionalize(model, input_shape)  the classifier as a conv net with the same weights
   make_canvases(...)                          seeded test canvases: real images on black, ink boxes
   background_crops(...)                       11-class crops (class 10 = background) for fine-tuning
+  crop_corners(...)                           where those crops are cut (bounded draws)
   decode(...)                                 score maps -> peaks -> ink-refined boxes -> per-class NMS
   agnostic_nms(...)                           one label per object, for the detector's output
   coco_metrics / match / pr_curve / ...       COCO mAP (torchmetrics) and P / R / F1 at IoU >= 0.5
@@ -279,38 +280,61 @@ def make_canvases(x: np.ndarray | Tensor, y: np.ndarray | Tensor, n: int, seed: 
     return out
 
 
+def crop_corners(canvases: Canvases, window: int, max_shift: int, random_per_canvas: int,
+                 seed: int | list[int]) -> list[np.ndarray]:
+    """Top-left (y, x) of background_crops' crops, per canvas (int64 (M, 2), canvas coordinates).
+
+    Per object: a positive, whose centre lies within max_shift (+ 0.5, see background_crops) of the
+    object's centre in y and x, drawn uniformly from those places; and an off-centre crop, beyond
+    that, shifted by up to 3/4 window (a partial view). Per canvas, random_per_canvas crops anywhere.
+    Every draw is bounded: UserError if max_shift leaves no room for off-centre crops."""
+    far = (3 * window) // 4
+    if not 0 <= max_shift < far:
+        raise UserError(f"--max_shift {max_shift} leaves no room for off-centre (background) crops of a {window} px "
+                        f"window, which are shifted by more than it and at most {far} px: use 0 to {far - 1}")
+    rng = np.random.default_rng(seed)
+    half, reach = window / 2, max_shift + 0.5
+    out = []
+    for k in range(len(canvases)):
+        size = canvases.images.shape[-1]
+        corners = []
+        for centre in canvases.centres[k].numpy().astype(np.float64):
+            centred = centre - half                                  # the corner that centres the crop (may be .5)
+            lo, hi = np.ceil(centred - reach), np.floor(centred + reach)
+            corners.append(lo + rng.integers(0, (hi - lo + 1).astype(np.int64)))
+            for _ in range(1000):  # rejection: at most (41/43)^2 of draws fail (max_shift 20), so this ends
+                corner = np.floor(centred) + rng.integers(-far, far + 1, 2)
+                if np.abs(corner - centred).max() > reach:
+                    break
+            else:
+                raise UserError(f"no off-centre crop found in 1000 draws (--max_shift {max_shift}, window {window})")
+            corners.append(corner)
+        for _ in range(random_per_canvas):
+            corners.append(rng.integers(-int(half), size - int(half) + 1, 2).astype(float))
+        out.append(np.asarray(corners, dtype=np.int64).reshape(-1, 2))
+    return out
+
+
 def background_crops(canvases: Canvases, window: int, max_shift: int, random_per_canvas: int,
                      seed: int | list[int], background: int = 10) -> tuple[Tensor, Tensor]:
     """Crops of `window` px from canvases, labelled for an (n+1)-way classifier: (x uint8 (M, 1, w, w), y (M,)).
 
-    Per object: one crop centred on it shifted by up to +-max_shift px in y and x (a positive),
-    and one off-centre crop, shifted by more than max_shift (up to 3/4 window: partial views);
-    per canvas, random_per_canvas crops anywhere (often empty or partial). Every crop is labelled
-    by one rule: the class of an object whose centre lies within max_shift px (both axes) of the
-    crop's centre, else `background`. Outside the canvas is black.
+    Crops at crop_corners (per object a positive and an off-centre crop, per canvas random ones;
+    outside the canvas is black). Every crop is labelled by one rule: the class of the object whose
+    centre lies nearest the crop's centre within max_shift + 0.5 px in y and x, else `background`.
+    The half pixel makes the rule symmetric: an odd-sized object's centre falls mid-pixel, so a crop
+    is 0.5, 1.5, ... px off it, alike on either side (without it, a shift of -max_shift would be
+    background and +max_shift the class). For even sizes it is exactly "within max_shift px".
     """
-    rng = np.random.default_rng(seed)
-    pad, half, far = window, window / 2, (3 * window) // 4
+    pad, half = window, window / 2
     xs, ys = [], []
-    for k in range(len(canvases)):
+    for k, corners in enumerate(crop_corners(canvases, window, max_shift, random_per_canvas, seed)):
         img = F.pad(canvases.images[k, 0], (pad, pad, pad, pad)).numpy()  # black beyond the canvas
-        size = canvases.images.shape[-1]
-        centres = canvases.centres[k].numpy()
-        corners = []  # top-left (y, x) of each crop, canvas coordinates
-        for cy, cx in centres:
-            corners.append(np.floor([cy - half, cx - half]) + rng.integers(-max_shift, max_shift + 1, 2))
-            while True:
-                d = rng.integers(-far, far + 1, 2)
-                if np.abs(d).max() > max_shift:
-                    break
-            corners.append(np.floor([cy - half, cx - half]) + d)
-        for _ in range(random_per_canvas):
-            corners.append(rng.integers(-int(half), size - int(half) + 1, 2).astype(float))
-        corners = np.asarray(corners, dtype=np.int64).reshape(-1, 2)
+        centres = canvases.centres[k].numpy().astype(np.float64)
         for t, l in corners:
             xs.append(img[t + pad:t + pad + window, l + pad:l + pad + window])
             dist = np.abs(centres - (np.array([t, l]) + half)).max(1) if len(centres) else np.zeros(0)
-            near = np.flatnonzero(dist <= max_shift)
+            near = np.flatnonzero(dist <= max_shift + 0.5)
             ys.append(int(canvases.labels[k][near[dist[near].argmin()]]) if len(near) else background)
     return torch.from_numpy(np.stack(xs))[:, None], torch.tensor(ys, dtype=torch.int64)
 

@@ -1,7 +1,7 @@
 """Evaluation, model loading and figures.
 
 `evaluate(model, split)` -> loss, accuracy, per-class accuracy, confusion matrix.
-`load_model(path)` rebuilds a model from a checkpoint alone (weights_only=True).
+`load_model(path, expect)` rebuilds a model from a checkpoint alone (weights_only=True), or refuses it.
 `report(run, model, data, history)` runs the one test evaluation of a run, with its best-on-val
 checkpoint, and writes results.json and the figures (through record.py, like every file).
 
@@ -62,15 +62,51 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1024, amp: bool =
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
-def load_model(path: str) -> tuple[nn.Module, dict]:
-    """(model with the checkpoint's weights, checkpoint) — rebuilt from the checkpoint alone."""
+DATA_KEYS = {'dataset', 'data_dir', 'val_split', 'subset'}  # what load_data needs from a checkpoint's config
+
+
+def load_model(path: str, expect: tuple[type[nn.Module], ...] = (), what: str = '') -> tuple[nn.Module, dict]:
+    """(model with the checkpoint's weights, checkpoint) — rebuilt from the checkpoint alone.
+
+    The one check of a checkpoint a script is given: UserError (one line naming `what` the script
+    expected) unless the file holds a model of this project whose weights fit it, of a class in
+    `expect` (empty = any), with a config that names its data. check_model_on_data then checks
+    the model against that data."""
     ckpt = load_checkpoint(path)
-    cls = getattr(models, ckpt['model_class'], None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise UserError(f"{path}: unknown model class {ckpt['model_class']!r}")
-    model = cls(**ckpt['model_args'])
-    model.load_state_dict(ckpt['model'])
+    name, args = ckpt['model_class'], ckpt['model_args']
+    exercise = ckpt.get('exercise') or 'an unknown exercise'
+    expected = f"; expected {what}" if what else ''
+    cls = getattr(models, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or not isinstance(args, dict):
+        raise UserError(f"{path}: unknown model class {name!r}{expected}")
+    if expect and not issubclass(cls, expect):
+        raise UserError(f"{path} holds a {name} of {exercise}{expected or ', which this script cannot use'}")
+    if not isinstance(ckpt['config'], dict) or not DATA_KEYS <= ckpt['config'].keys():
+        raise UserError(f"{path}: its config does not say which data its model was trained on{expected}")
+    try:
+        model = cls(**args)
+        model.load_state_dict(ckpt['model'])
+    except Exception as e:  # noqa: BLE001 - arguments or weights that do not build this class
+        raise UserError(f"{path}: its weights do not fit a {name}({args}) ({type(e).__name__}){expected}") from None
     return model, ckpt
+
+
+def check_model_on_data(model: nn.Module, data: Data, path: str, what: str = '') -> None:
+    """UserError unless `model` takes data's images and gives one score per class of data: a
+    checkpoint of another data set or another head (2.2's background classifier) is refused
+    before any work, in one line."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(data.test.normalize(data.test.x[:1]).to(next(model.parameters()).device))
+    except RuntimeError:
+        out = None
+    model.train(was_training)
+    if out is None or tuple(out.shape) != (1, data.num_classes):
+        gives = 'no output' if out is None else f"{out.shape[-1]} scores"
+        raise UserError(f"{path}: its {type(model).__name__} gives {gives} on {data.name}'s "
+                        f"{'x'.join(map(str, data.shape))} images, which have {data.num_classes} classes"
+                        + (f"; expected {what}" if what else ''))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,9 +228,11 @@ def main(argv: list[str]) -> None:
     if len(argv) != 1 or argv[0].startswith('-'):
         raise UserError("usage: python evaluate.py PATH/TO/checkpoint.pt (see --help)")
     started = now()
-    model, ckpt = load_model(argv[0])
-    device = pick_device(ckpt['config']['device'])
+    what = "a classifier's checkpoint (best.pt or last.pt of exercise 1.1, 1.2, 1.3 or 2.2's classifier stage)"
+    model, ckpt = load_model(argv[0], what=what)
+    device = pick_device('auto')  # where it runs now, not where it trained: a CUDA run's checkpoint on a CPU box
     data = load_data(ckpt['config'], device)
+    check_model_on_data(model, data, argv[0], what)
     test = evaluate(model.to(device), data.test)
     print(f"{argv[0]}: {data.name} test acc {100 * test['acc']:.2f}% loss {test['loss']:.4f}")
     # the re-evaluation's own record, beside the checkpoint: best.pt -> best.evaluation.json

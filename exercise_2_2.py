@@ -43,7 +43,7 @@ from torch import nn
 import detect
 from config import COMMON, HOW_IT_RUNS, UserError, cli
 from dataset import Data, Split, load_data
-from evaluate import load_model
+from evaluate import check_model_on_data, load_model
 from models import CNN, MLP
 from record import Run, write_json
 from study import cached_run, digest
@@ -73,7 +73,7 @@ config = {
     'finetune_epochs': 3,           # passes over those crops
     'finetune_lr': 1e-3,            # peak lr of the fine-tune, cosine-annealed
     'random_crops': 3,              # per canvas: crops anywhere (mostly empty or partial -> background)
-    'max_shift': 4,                 # px: a crop centred within this (y and x) on an object is that class
+    'max_shift': 4,                 # px: crops centred this near an object (y, x; +0.5 if odd-sized) are its class
     # canvases
     'canvas_size': 100,             # px, square, black
     'objects': [3, 6],              # images per canvas, [min, max]
@@ -108,10 +108,54 @@ NOT_FINETUNE = HOW_IT_RUNS | {'checkpoint', 'model', 'widths', 'depth', 'hidden'
                               'agnostic_iou', 'refine_margin', 'timing_threads', 'figure_canvases', 'assets',
                               'assets_dir'}
 FINETUNE_KEYS = tuple(k for k in config if k not in NOT_FINETUNE)
+CLASSIFIER_CHECKPOINT = ("a 10-class models.CNN or models.MLP trained on 28x28 mnist or fashion_mnist (a best.pt of "
+                         "exercise 1.1 or 1.3, or of 2.2's classifier stage)")
 TRACKS = {'zero_shot': 'A: zero-shot (surgery only)', 'background': 'B: + background class'}
 TARGETS = {'mnist, track B': {'map_50': 0.95, 'map': 0.75, 'f1': 0.95, 'count_acc': 0.85, 'ms_per_canvas': 20,
                               'finetune_minutes_2_cores': 5},
            'mnist, track A': {'map_50': 0.60}}
+
+
+WINDOW = 28  # px: the classifier's input (1-channel 28x28 data), so the crop and detection window
+
+
+def _pair(v) -> bool:
+    return len(v) == 2 and all(type(i) is int for i in v) and 1 <= v[0] <= v[1]
+
+
+# (key, test, what the value must be): 2.2's own keys, checked before any work (config.check does COMMON's)
+LIMITS = [
+    ('finetune_canvases', lambda v: v >= 1, '>= 1'),
+    ('finetune_epochs', lambda v: v >= 1, '>= 1'),
+    ('finetune_lr', lambda v: v > 0, '> 0'),
+    ('random_crops', lambda v: v >= 0, '>= 0'),
+    ('max_shift', lambda v: 0 <= v < 3 * WINDOW // 4,
+     f'in [0, {3 * WINDOW // 4 - 1}]: off-centre (background) crops are shifted by more, up to 3/4 of the '
+     f'{WINDOW} px window'),
+    ('canvas_size', lambda v: v >= WINDOW, f'>= {WINDOW}, the classifier\'s window'),
+    ('objects', _pair, '[min, max] whole numbers with 1 <= min <= max'),
+    ('object_size', _pair, '[min, max] whole numbers with 1 <= min <= max'),
+    ('min_gap', lambda v: v >= 0, '>= 0'),
+    ('ink_threshold', lambda v: 0 <= v < 255, 'in [0, 254] (uint8 levels above it are ink)'),
+    ('test_canvases', lambda v: v >= 1, '>= 1'),
+    ('val_canvases', lambda v: v >= 1, '>= 1'),
+    ('score_threshold', lambda v: v <= 1, '<= 1 (< 0: chosen on the val canvases)'),
+    ('min_score', lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    ('nms_iou', lambda v: 0 < v <= 1, 'in (0, 1]'),
+    ('agnostic_iou', lambda v: 0 < v <= 1, 'in (0, 1] (1 = off)'),
+    ('refine_margin', lambda v: v >= 0, '>= 0'),
+    ('timing_threads', lambda v: v >= 1, '>= 1'),
+    ('figure_canvases', lambda v: v >= 0, '>= 0'),
+]
+
+
+def check_settings(config: dict) -> None:
+    """UserError for a setting that can never finish or makes no sense, before any work: every
+    value in range, and max(objects) images of max(object_size) px surely fit the canvas."""
+    for key, ok, what in LIMITS:
+        if not ok(config[key]):
+            raise UserError(f"--{key} must be {what}, got {config[key]!r}")
+    detect.check_fits(config['canvas_size'], config['objects'], config['object_size'], config['min_gap'])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,11 +166,15 @@ def file_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:8]
 
 
+def stage_name(kind: str, stage_config: dict, identity: dict) -> str:
+    return f"{kind}-{stage_config['dataset']}-{digest(identity)}"
+
+
 def train_stage(kind: str, stage_config: dict, identity: dict, make_data, build_model) -> tuple[str, dict]:
     """runs/exercise_2_2/<kind>-<dataset>-<digest of identity>, through study.cached_run: reused if
     finished, resumed if interrupted, else trained on make_data(config, device) with
     build_model(config, data). Returns (best.pt path, results)."""
-    run_dir, results = cached_run(EXERCISE, stage_config, f"{kind}-{stage_config['dataset']}-{digest(identity)}",
+    run_dir, results = cached_run(EXERCISE, stage_config, stage_name(kind, stage_config, identity),
                                   build_model, make_data, tags=[kind])
     return os.path.join(run_dir, 'checkpoints', 'best.pt'), results
 
@@ -249,29 +297,41 @@ def main(config: dict, overrides: dict) -> dict:
     if config['resume']:
         raise UserError("exercise 2.2 does not take --resume: a finished stage with the same config is reused and "
                         "an interrupted one resumes by itself; just run the same command again")
-    detect.check_fits(config['canvas_size'], config['objects'], config['object_size'], config['min_gap'])
-    if config['max_shift'] < 0 or config['test_canvases'] < 1 or config['val_canvases'] < 1:
-        raise UserError("--max_shift must be >= 0 and --test_canvases, --val_canvases >= 1")
+    check_settings(config)
     t_start, load_start = time.perf_counter(), os.getloadavg()
     stage = {**config, 'checkpoint': '', 'wandb_verbose': config.get('wandb_verbose', False)}
+    classifier_identity = {k: config[k] for k in CLASSIFIER_KEYS}
 
-    # 1. the classifier: given, or trained (reused when an identical run finished)
+    # the detection run first: its name and --overwrite are checked before any stage trains
     if config['checkpoint']:
         path = config['checkpoint']
+        classifier, ckpt = load_model(path, expect=(CNN, MLP), what=CLASSIFIER_CHECKPOINT)
+        model_class, dataset = ckpt['model_class'], ckpt['config']['dataset']
     else:
-        path, _ = train_stage('classifier', stage, {k: config[k] for k in CLASSIFIER_KEYS},
-                              load_data, build_classifier)
-    classifier, ckpt = load_model(path)
-    detect.fully_convolutionalize(classifier, (1, 28, 28))  # a model that cannot be converted stops here
+        path = os.path.join(config['runs_dir'], EXERCISE, stage_name('classifier', stage, classifier_identity),
+                            'checkpoints', 'best.pt')
+        model_class, dataset = {'cnn': 'CNN', 'mlp': 'MLP'}[config['model']], config['dataset']
+    run = Run(EXERCISE, {**config, 'checkpoint': path, 'dataset': dataset}, overrides,
+              name=f"detect-{model_class.lower()}", tags=['detection'])
+
+    # 1. the classifier: given, or trained (reused when an identical run finished)
+    if not config['checkpoint']:
+        train_stage('classifier', stage, classifier_identity, load_data, build_classifier)
+        classifier, ckpt = load_model(path, expect=(CNN, MLP), what=CLASSIFIER_CHECKPOINT)
+    try:  # a model that cannot be converted stops here
+        detect.fully_convolutionalize(classifier, (1, WINDOW, WINDOW))
+    except UserError as e:
+        raise UserError(f"{path}: {e}; expected {CLASSIFIER_CHECKPOINT}") from None
     data_config = {**ckpt['config'], 'subset': config['subset'], 'augment': False}
     if 'data_dir' in overrides or config['checkpoint'] == '':
         data_config['data_dir'] = config['data_dir']
     if data_config['dataset'] != config['dataset']:
         print(f"--dataset {config['dataset']} ignored: {path} was trained on {data_config['dataset']}")
     data = load_data(data_config, 'cpu')
-    if data.shape != (1, 28, 28):
+    if data.shape != (1, WINDOW, WINDOW):
         raise UserError(f"{path} was trained on {data.name} ({'x'.join(map(str, data.shape))} images); "
                         f"canvases need 1-channel 28x28 images (mnist or fashion_mnist)")
+    check_model_on_data(classifier, data, path, CLASSIFIER_CHECKPOINT)
 
     # 2. track B's classifier: fine-tuned with a background class (reused when identical)
     made: dict = {}
@@ -296,8 +356,7 @@ def main(config: dict, overrides: dict) -> dict:
                 min_gap=config['min_gap'], ink_threshold=config['ink_threshold'])
     val = detect.make_canvases(data.val.x, data.val.y, config['val_canvases'], [config['canvas_seed'], 1], **keys)
     test = detect.make_canvases(data.test.x, data.test.y, config['test_canvases'], [config['canvas_seed'], 0], **keys)
-    config = {**config, 'checkpoint': path, 'dataset': data.name}
-    run = Run(EXERCISE, config, overrides, name=f"detect-{ckpt['model_class'].lower()}", tags=['detection'])
+    config = run.config
     tracks = {'zero_shot': run_track('zero_shot', classifier, data, val, test, config),
               'background': run_track('background', background, data, val, test, config)}
 

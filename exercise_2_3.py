@@ -41,12 +41,15 @@ from torch import Tensor, nn
 
 from config import COMMON, UserError, cli
 from dataset import Split, load_data, load_imagenette, spread
-from evaluate import load_model, pyplot
+from evaluate import check_model_on_data, load_model, pyplot
 from explain import (average_drop_increase, cam, deletion_insertion_auc, grad_cam, grad_cam_pp, overlay,
                      predict, random_maps)
+from models import CNN
 from record import Run, data_fingerprint, split_fingerprint, write_json
 
 EXERCISE = 'exercise_2_3'
+# What part 1's --checkpoint must hold: CAM needs conv feature maps (model.features) and a GAP + Linear head
+CNN_CHECKPOINT = "a models.CNN with its GAP + Linear head, trained on its data's classes (exercise 1.3's best.pt)"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 config = {
@@ -323,6 +326,7 @@ def explain_cnn(run: Run, model: nn.Module, ckpt: dict, config: dict, overrides:
     if 'data_dir' in overrides:  # the checkpoint came from another machine
         data_config['data_dir'] = config['data_dir']
     data = load_data(data_config, device)
+    check_model_on_data(model, data, config['checkpoint'], CNN_CHECKPOINT)
     test, layer, fc = data.test, model.features, model.classifier
     probs = predict_all(model, test, config['batch_size'])  # (N, n)
     acc = (probs.argmax(1) == test.y).float().mean().item()
@@ -443,7 +447,7 @@ def main(config: dict, overrides: dict) -> dict:
 
     if cnn:  # before the Run, so the run is named after the checkpoint's dataset
         path = config['checkpoint'] or find_checkpoint(config, overrides)
-        model, ckpt = load_model(path)
+        model, ckpt = load_model(path, expect=(CNN,), what=CNN_CHECKPOINT)
         if 'dataset' in overrides and overrides['dataset'] != ckpt['config']['dataset']:
             print(f"--dataset {overrides['dataset']} ignored: {path} was trained on {ckpt['config']['dataset']}")
         config = {**config, 'checkpoint': path, 'dataset': ckpt['config']['dataset']}

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from config import HOW_IT_RUNS, UserError
 from dataset import Data, load_data
 from evaluate import integer_ticks, load_model, plain_log_labels, pyplot, report
-from record import Run, atomic_write, barrier, is_main, load_checkpoint, log_tables, pick_device, save_figure
+from record import (Run, atomic_write, barrier, init_distributed, is_main, load_checkpoint, log_tables,
+                    pick_device, save_figure)
 from training import train
 
 BuildModel = Callable[[dict, Data], nn.Module]  # (config with 'model' and 'depth', data) -> model
@@ -88,7 +89,8 @@ def cached_run(exercise: str, config: dict, run_name: str, build_model: BuildMod
     run_dir = os.path.join(config['runs_dir'], exercise, run_name)
     last = os.path.join(run_dir, 'checkpoints', 'last.pt')
     if os.path.exists(os.path.join(run_dir, 'results.json')):
-        print(f"skip {run_dir}: done, same settings")
+        if is_main():
+            print(f"skip {run_dir}: done, same settings")
     else:  # a folder without last.pt never checkpointed: nothing in it to keep
         cell = {**config, 'run_name': run_name, 'overwrite': True, 'resume': last if os.path.exists(last) else ''}
         train_run(exercise, cell, build_model, {k: cell[k] for k in HOW_IT_RUNS if k in cell},
@@ -127,7 +129,10 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
     config['depths'] -> runs/<exercise>/study.csv, study_acc.png, study_loss.png; the table also
     to TensorBoard (runs/<exercise>/study/) and W&B (a wandb.Table).
     grads: per-layer gradient norms of those cells at init and trained -> grad_norms.png.
+    Under torchrun, rank 0 alone prints and writes: the process group is joined here, because a
+    study whose cells are all finished (or the grads part alone) starts no run that would join it.
     """
+    init_distributed(pick_device(config['device']))
     out_dir = os.path.join(config['runs_dir'], exercise)
     if config['part'] in ('study', 'all'):
         rows = run_study(exercise, study, build_model, depths=config['depths'])

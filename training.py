@@ -59,11 +59,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: dict, total_steps: 
 
 
 class StopRequest:
-    """SIGINT / SIGTERM ask the loop to stop after the current step and checkpoint.
-    A second Ctrl-C interrupts at once."""
+    """SIGINT / SIGTERM ask the loop to stop after the current step and checkpoint; the run then
+    exits with 128 + the signal's number, as the shell reports a process the signal ended
+    (130 for Ctrl-C, 143 for SIGTERM). A second Ctrl-C interrupts at once. Under torchrun only
+    rank 0 says so (`speak`): torchrun passes one signal on to every rank."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, speak: bool = True):
+        self.requested, self.signum, self.speak = False, 0, speak
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -73,34 +75,47 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint", flush=True)
+        self.signum = self.signum or signum
+        if self.speak:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint", flush=True)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
     def agreed(self, device: torch.device) -> bool:
-        """Whether any process was asked to stop: every rank must stop at the same step."""
-        flag = torch.tensor([float(self.requested)], device=device)
-        return bool(all_reduce_sum(flag).item())
+        """Whether any process was asked to stop: every rank must stop at the same step. Also
+        agrees on the exit code: SIGTERM's if any rank got one, else SIGINT's."""
+        got = torch.tensor([float(self.signum == signal.SIGINT), float(self.signum == signal.SIGTERM)], device=device)
+        sigint, sigterm = all_reduce_sum(got).tolist()
+        if sigint or sigterm:
+            self.signum = signal.SIGTERM if sigterm else signal.SIGINT
+        return bool(sigint or sigterm)
+
+    def exit_code(self) -> int:
+        return 128 + int(self.signum or signal.SIGINT)
 
 
 class Progress:
     """A tqdm bar on a terminal; elsewhere (nohup, notebooks, cluster logs, CI) a short line
-    every 10% of an epoch (at most one per 5 s) or every 30 s, with samples/s and the running loss."""
+    every 10% of an epoch (at most one per 5 s) or every 30 s, with the running loss (this process's)
+    and samples/s of all processes together, the rate the epoch line shows."""
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool, samples_before: float = 0.0):
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool, world: int = 1):
         self.tty = enabled and sys.stderr.isatty()
         self.lines = enabled and not self.tty
         self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, disable=not self.tty)
         self.total, self.step, self.desc = total, initial, desc
         self.every = max(1, total // 10)
         self.t0 = self.last = time.perf_counter()
-        self.samples_before = samples_before  # trained in this epoch before a resume: not timed here
+        self.samples = 0  # of all processes, timed here (not those trained before a resume)
+        self.loss_label = 'loss (rank 0)' if world > 1 else 'loss'  # summing it over ranks would sync them all
 
-    def update(self, sums: torch.Tensor) -> None:
-        """sums = (loss * n, correct, n) on the device; read (a GPU sync) only when printing."""
+    def update(self, sums: torch.Tensor, samples: int) -> None:
+        """sums = (loss * n, correct, n) of this process on the device, read (a GPU sync) only when
+        printing; samples = this step's global batch (every process's slice together)."""
         self.step += 1
+        self.samples += samples
         if self.tty:
             self.bar.update()
             if self.step % 50 == 0:
@@ -110,13 +125,30 @@ class Progress:
                 or time.perf_counter() - self.last > 30):
             loss, _, n = sums.tolist()
             now = time.perf_counter()
-            rate = (n - self.samples_before) / (now - self.t0)
-            print(f"  {self.desc} {100 * self.step / self.total:3.0f}% | loss {loss / n:.4f} | {rate:,.0f} samples/s",
-                  flush=True)
+            rate = self.samples / (now - self.t0)
+            print(f"  {self.desc} {100 * self.step / self.total:3.0f}% | {self.loss_label} {loss / n:.4f} | "
+                  f"{rate:,.0f} samples/s", flush=True)
             self.last = now
 
     def close(self) -> None:
         self.bar.close()
+
+
+def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The CUDA RNG state of the run's own device (None off CUDA): a checkpoint must not depend on
+    how many GPUs were visible where it was written."""
+    return torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
+
+
+def restore_cuda_rng(state, device: torch.device) -> None:
+    """Put back cuda_rng_state's state on `device`. Checkpoints written before it hold a list, one
+    state per GPU visible then: the entry of this device's index is used if there is one (a run
+    resumed with fewer GPUs visible, or on another index, draws afresh on the missing ones)."""
+    if isinstance(state, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        state = state[index] if index < len(state) else None
+    if state is not None:
+        torch.cuda.set_rng_state(state, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +192,10 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
 
     ck = run.checkpoint
     if ck is not None:
+        lacking = [k for k in ('optimizer', 'scheduler', 'rng') if not isinstance(ck.get(k), dict)]
+        if lacking:
+            raise UserError(f"{config['resume']} holds no training state to resume (no {', '.join(lacking)}); "
+                            f"expected a last.pt or best.pt written by training.train")
         if ck['model_class'] != type(model).__name__ or ck['model_args'] != model.args:
             raise UserError(f"{config['resume']} holds a {ck['model_class']}{ck['model_args']}, but this run built "
                             f"a {type(model).__name__}{model.args}")
@@ -175,8 +211,8 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
         torch.set_rng_state(ck['rng']['torch'])
         if 'augment' in ck['rng'] and ck['rng'].get('augment_device', 'cpu') == device.type:
             augment_generator.set_state(ck['rng']['augment'])
-        if device.type == 'cuda' and ck['rng']['cuda']:
-            torch.cuda.set_rng_state_all(ck['rng']['cuda'])
+        if device.type == 'cuda':
+            restore_cuda_rng(ck['rng'].get('cuda'), device)
         state.update({k: ck[k] for k in state if k in ck})
         if rank > 0:  # the checkpoint holds rank 0's partial sums; the others start from zero
             state['sums'] = torch.zeros(3)
@@ -204,23 +240,23 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
                 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
                 'rng': {'data': generator.get_state(), 'torch': torch.get_rng_state(),
                         'augment': augment_generator.get_state(), 'augment_device': device.type,
-                        'cuda': torch.cuda.get_rng_state_all() if device.type == 'cuda' else []},
+                        'cuda': cuda_rng_state(device)},
                 'config': config, **state, 'sums': sums.cpu()})
         wrote_checkpoint = True
         barrier()
 
-    def stop(reason: str, sums: torch.Tensor) -> None:
+    def stop(reason: str, sums: torch.Tensor, code: int) -> None:
         checkpoint('last.pt', sums)
         if rank == 0:
             print(f"{reason}; saved {run.path('checkpoints', 'last.pt')}\n"
                   f"resume with: python {os.path.basename(sys.argv[0])} --resume {run.path('checkpoints', 'last.pt')}",
                   flush=True)
         run.finish()
-        sys.exit(130)
+        sys.exit(code)
 
     run.start()
     try:
-        with StopRequest() as stop_request:
+        with StopRequest(speak=rank == 0) as stop_request:
             while state['epoch'] < config['epochs']:
                 epoch = state['epoch']
                 if state['order'] is None:  # a new epoch; a resumed one keeps its order
@@ -229,13 +265,13 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
                 model.train()
                 t0 = time.perf_counter()
                 progress = Progress(steps_per_epoch, state['batch'], f'epoch {epoch + 1}/{config["epochs"]}',
-                                    enabled=rank == 0, samples_before=float(state['sums'][2]))
+                                    enabled=rank == 0, world=world)
                 batches = data.train.batches(bs, state['order'].to(device), start=state['batch'],
                                              generator=augment_generator)
                 stopped = False
                 for x, y in itertools.islice(batches, steps_per_epoch - state['batch']):
+                    n_global = len(y)
                     if world > 1:  # this process's slice of the global batch
-                        n_global = len(y)
                         x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
                     x = x.contiguous(memory_format=mf)
                     with autocast:
@@ -253,7 +289,7 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
                     sums[1] += (logits.argmax(1) == y).sum()
                     sums[2] += n
                     state['batch'] += 1
-                    progress.update(sums)
+                    progress.update(sums, n_global)
                     if (stop_request.requested if world == 1 else
                             state['batch'] % 20 == 0 and stop_request.agreed(device)):
                         stopped = True
@@ -265,10 +301,14 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
                 if stopped:
                     state['seconds'] = seconds
                     if math.isfinite(loss_sum):
-                        stop(f"stopped in epoch {epoch + 1} after batch {state['batch']}", total)
+                        stop(f"stopped in epoch {epoch + 1} after batch {state['batch']}", total,
+                             stop_request.exit_code())
                 if not math.isfinite(loss_sum):
-                    raise UserError(f"training loss became {loss_sum} in epoch {epoch + 1}; stopped. The last good "
-                                    f"checkpoint is {run.path('checkpoints', 'last.pt')}. Try a lower --lr.")
+                    last = run.path('checkpoints', 'last.pt')
+                    kept = (f"The last good checkpoint is {last}" if os.path.exists(last) else
+                            "No checkpoint was written: the run had not finished an epoch")
+                    raise UserError(f"training loss became {loss_sum} in epoch {epoch + 1}; stopped. {kept}. "
+                                    f"Try a lower --lr.")
 
                 if world > 1:  # BatchNorm running stats differ by each rank's last slice: evaluate and
                     import torch.distributed as dist  # checkpoint rank 0's on every rank, as DDP's next step would
@@ -294,7 +334,7 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
                 run.log({k: v for k, v in row.items() if k != 'epoch'}, step=epoch + 1)
                 wanted = stop_request.requested if world == 1 else stop_request.agreed(device)
                 if wanted and state['epoch'] < config['epochs']:
-                    stop(f"stopped after epoch {epoch + 1}", state['sums'])
+                    stop(f"stopped after epoch {epoch + 1}", state['sums'], stop_request.exit_code())
     except BaseException as e:
         if not wrote_checkpoint and not isinstance(e, SystemExit):
             run.discard()  # a fresh run that died before its first checkpoint leaves no stub

@@ -207,7 +207,8 @@ def launch(world: int, tmp: str, data_dir: str) -> list[dict]:
         pytest.fail(f"{world} ranks did not finish in {TIMEOUT} s:\n" + '\n'.join(p.communicate()[0] for p in procs))
     for rank, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{out}"
-    return [torch.load(os.path.join(tmp, 'out', f'rank{r}.pt'), weights_only=True) for r in range(world)]
+    return [{**torch.load(os.path.join(tmp, 'out', f'rank{r}.pt'), weights_only=True), 'output': outputs[r]}
+            for r in range(world)]
 
 
 @pytest.fixture(scope='module')
@@ -239,13 +240,18 @@ def two(tmp):
 
 @pytest.mark.parametrize('world', [1, 2, 4])
 def test_shards_are_disjoint_and_make_up_the_single_process_batch(world, single, tmp, two):
-    if world == 1:
-        ranks = [{'inputs': single['inputs']}]
+    split = single['split']
+    if world == 1:  # no slicing: the batch is the seeded permutation's next 40 samples, augmented in order
+        seed = single['config']['seed']
+        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+        augment = torch.Generator().manual_seed(seed)
+        ranks = [{'inputs': [split.normalize(split.augment(split.x[order[40 * i:40 * (i + 1)]], augment))
+                             for i in range(STEPS_RECORDED)]}]
+        assert not torch.equal(ranks[0]['inputs'][0], split.normalize(split.x[order[:40]]))  # augmented
     elif world == 2:
         ranks = two
     else:
         ranks = launch(4, os.path.join(tmp, 'four'), os.path.join(tmp, 'data'))
-    split = single['split']
     for step in range(STEPS_RECORDED):
         batch = single['inputs'][step]  # (40, 1, 28, 28), augmented
         shards = [r['inputs'][step] for r in ranks]
@@ -280,7 +286,9 @@ def test_sync_bn_is_refused_on_the_cpu_on_every_rank(tmp, two):
 
 def test_sigterm_stops_every_rank_at_one_step_and_resumes_on_2_or_1_processes(tmp, single, two):
     from record import load_checkpoint
-    assert [r['stop_code'] for r in two] == [130, 130]
+    assert [r['stop_code'] for r in two] == [143, 143]  # 128 + SIGTERM, as the shell reports it
+    assert two[0]['output'].count('SIGTERM: stopping after this step') == 1  # one process speaks
+    assert 'stopping after this step' not in two[1]['output'] and 'resume with' not in two[1]['output']
     stopped = load_checkpoint(os.path.join(tmp, 'stopped-copy', 'checkpoints', 'last.pt'))
     assert (stopped['epoch'], stopped['batch'], stopped['world_size']) == (0, 20, 2)
     assert stopped['sums'][2] == 20 * 40  # samples of all ranks so far this epoch
@@ -314,6 +322,17 @@ def test_torchrun_command_line(tmp_path):
     assert len((out / 'study.csv').read_text().splitlines()) == 3 and (out / 'grad_norms.png').exists()
     assert result.stdout.count('epoch   1/1 |') == 3  # one line per run: rank 0 prints, rank 1 does not
 
+    # again, every cell finished: no run starts (none joins the process group), and still one
+    # process prints the table and writes grad_norms.png and study.csv (tests/test_distributed.py parts)
+    os.remove(out / 'grad_norms.png')
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             __file__, 'parts', *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count('first/last') == 1 and result.stdout.count('grad_norms.png') == 1
+    assert result.stdout.count('wrote ' + str(out / 'study.csv')) == 1 and result.stdout.count('skip ') == 2
+    assert (out / 'grad_norms.png').exists() and 'epoch ' not in result.stdout
+
     # the validation figures that chose best.pt are those of the model best.pt holds (BatchNorm
     # running statistics included), although every rank evaluated its own shard
     from dataset import load_data
@@ -323,5 +342,17 @@ def test_torchrun_command_line(tmp_path):
     assert val['loss'] == pytest.approx(ckpt['history'][-1]['val/loss'], rel=1e-5)
 
 
+def parts(argv: list[str]) -> None:
+    """Exercise 1.3's grads part, then its study part, of cells that are all finished (one launch)."""
+    import exercise_1_3
+    from config import cli
+    for part in ('grads', 'study'):
+        cli(exercise_1_3.main, exercise_1_3.config, [*argv, '--part', part],
+            choices={'dataset': ('cifar10', 'fashion_mnist', 'mnist', 'digits')})
+
+
 if __name__ == '__main__':
-    worker(*sys.argv[1:])
+    if sys.argv[1] == 'parts':
+        parts(sys.argv[2:])
+    else:
+        worker(*sys.argv[1:])

@@ -14,6 +14,8 @@ from config import UserError, cli
 from conftest import write_mnist
 from models import CNN, MLP, SkipMLP
 
+EX = 'exercise_2_2'
+
 
 def randomize_bn(model):
     """Eval-mode BatchNorm with non-trivial statistics, so the surgery is tested on a real affine map."""
@@ -142,17 +144,58 @@ def test_a_canvas_too_small_is_one_line():
     assert '\n' not in str(e.value) and '--canvas_size 88' in str(e.value)
 
 
-def test_background_crops_follow_the_label_rule():
+def rule_labels(cv, corners, window, max_shift, background=10):
+    """The label rule, written out again: the nearest object whose centre is within max_shift + 0.5 px
+    (y and x) of the crop's centre, else background."""
+    labels = []
+    for k, cs in enumerate(corners):
+        for t, l in cs.tolist():
+            off = (cv.centres[k].double() - torch.tensor([t + window / 2, l + window / 2])).abs().amax(1)
+            near = (off <= max_shift + 0.5).nonzero().flatten()
+            labels.append(int(cv.labels[k][near[off[near].argmin()]]) if len(near) else background)
+    return labels
+
+
+@pytest.mark.parametrize('object_size', [[28, 28], [19, 27]], ids=['even', 'odd-jitter'])
+def test_background_crops_follow_the_label_rule(object_size):
     x, y = split_images()
-    cv = detect.make_canvases(x, y, 10, [0, 0], canvas_size=100, objects=[3, 6])
+    cv = detect.make_canvases(x, y, 10, [0, 0], canvas_size=100, objects=[3, 5], object_size=object_size)
     crops, labels = detect.background_crops(cv, 28, max_shift=4, random_per_canvas=3, seed=0)
+    corners = detect.crop_corners(cv, 28, max_shift=4, random_per_canvas=3, seed=0)
     n_obj = sum(len(b) for b in cv.boxes)
     assert crops.shape == (2 * n_obj + 3 * 10, 1, 28, 28) and crops.dtype == torch.uint8
-    k, first = 0, 0                                                  # crops of canvas 0: positive, off-centre, ...
-    for o in range(len(cv.boxes[k])):
-        assert labels[first + 2 * o] == cv.labels[k][o]             # the centred one: the object's class
-    assert (labels == 10).sum() >= n_obj                             # off-centre ones (and most random ones)
-    assert set(labels.tolist()) <= set(range(11))
+    assert labels.tolist() == rule_labels(cv, corners, 28, 4)           # every crop of every canvas
+    i = 0
+    for k, cs in enumerate(corners):
+        padded = torch.nn.functional.pad(cv.images[k, 0], (28, 28, 28, 28))
+        for t, l in cs.tolist():                                         # each crop is the canvas there
+            assert torch.equal(crops[i, 0], padded[t + 28:t + 56, l + 28:l + 56])
+            i += 1
+        off = (torch.from_numpy(cs[:2 * len(cv.centres[k])]).double() + 14 -
+               cv.centres[k].double().repeat_interleave(2, 0)).abs().amax(1)
+        assert (off[0::2] <= 4.5).all() and (off[1::2] > 4.5).all()      # positive, then off-centre, per object
+        assert labels[i - len(cs):i - len(cs) + 2 * len(cv.centres[k]):2].tolist() == cv.labels[k].tolist()
+
+
+def test_odd_sized_objects_are_labelled_alike_on_either_side():
+    """A 9 px object's centre falls mid-pixel (44.5): crops shifted by up to max_shift either way keep
+    its class, those further off either way are background, and positives are drawn symmetrically."""
+    img = torch.zeros(1, 1, 100, 100, dtype=torch.uint8)
+    img[0, 0, 40:49, 50:59] = 255
+    n = 300
+    cv = detect.Canvases(img.repeat(n, 1, 1, 1), [torch.tensor([[50., 40, 59, 49]])] * n,
+                         [torch.tensor([7])] * n, [torch.tensor([[44.5, 54.5]])] * n, [torch.tensor([0])] * n)
+    crops, labels = detect.background_crops(cv, 28, max_shift=3, random_per_canvas=0, seed=0)
+    offsets = []
+    for crop, label in zip(crops[0::2, 0], labels[0::2]):               # the positives, read off the pixels
+        rows, cols = (crop > 0).any(1).nonzero(), (crop > 0).any(0).nonzero()
+        t, l = 40 - int(rows[0]), 50 - int(cols[0])                    # the crop's corner on the canvas
+        offsets += [t + 14 - 44.5, l + 14 - 54.5]
+        assert label == 7
+    assert sorted(set(offsets)) == [-3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5]
+    assert (labels[1::2] == 10).all()                                  # the off-centre ones
+    many = torch.tensor(offsets)
+    assert abs(float(many.mean())) < 0.35                              # no side favoured (sd of the mean ~0.1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +214,11 @@ def test_decode_maps_peaks_back_to_exact_ink_boxes():
         if j + 1 < 10 and probs[10, i, j + 1] == 1:                  # a weaker duplicate next to it
             probs[:, i, j + 1] = 0
             probs[c, i, j + 1] = 0.6
-    probs[3, 0, 9] = 0.95 if not (cv.images[0, 0, :28, 72:] > 32).any() else 0  # a peak on empty black
+    img = cv.images[0, 0]
+    empty = [(i, j) for i in range(10) for j in range(10) if not (img[8 * i:8 * i + 28, 8 * j:8 * j + 28] > 32).any()
+             and probs[3, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].max() == 0]
+    assert empty                                                       # this canvas has a window without ink
+    probs[3, empty[-1][0], empty[-1][1]] = 0.95                        # a peak on empty black: dropped
     out = detect.decode(probs, cv.images[0, 0].numpy(), g, num_objects=10, threshold=0.5, nms_iou=0.3,
                         ink_threshold=32, margin=4)
     order = torch.argsort(out['boxes'][:, 0] * 1000 + out['boxes'][:, 1])
@@ -182,14 +229,28 @@ def test_decode_maps_peaks_back_to_exact_ink_boxes():
     high = detect.decode(probs, cv.images[0, 0].numpy(), g, 10, 0.95, 0.3, 32, 4)
     assert len(high['boxes']) == 0                                     # nothing above 0.95 with ink
 
-    twice = {k: torch.cat([v, v]) for k, v in out.items()}             # each object also as another class
-    twice['labels'][len(out['labels']):] = (twice['labels'][len(out['labels']):] + 1) % 10
-    twice['scores'][len(out['labels']):] = 0.4
-    from torchvision.ops import batched_nms
-    assert len(batched_nms(twice['boxes'], twice['scores'], twice['labels'], 0.3)) == 2 * len(out['boxes'])  # per class: both
-    one = detect.agnostic_nms(twice, 0.3)                              # one label per object: the higher score
-    assert torch.equal(one['labels'], out['labels']) and torch.equal(one['boxes'], out['boxes'])
-    assert len(detect.agnostic_nms(twice, 1.0)['boxes']) == 2 * len(out['boxes'])
+
+
+def test_decode_nms_removes_same_class_duplicates_and_keeps_other_classes():
+    """Two peaks of one class two cells apart (so the 3x3 peak test keeps both) stand for windows
+    that both hold the whole object: refined to the same box, the weaker is a duplicate that decode's
+    per-class NMS removes. A peak of another class on it stays (per class); agnostic_nms removes it."""
+    canvas = np.zeros((100, 100), np.uint8)
+    canvas[30:40, 30:40] = 200                                         # inside the windows at cells 2 and 4 (+-4 px)
+    g = detect.Geometry(stride=8, receptive_field=38, offset=-7, window=28)
+    probs = torch.zeros(11, 10, 10)
+    probs[10] = 1.0
+    probs[:, 2, 2], probs[:, 2, 4], probs[:, 3, 2] = 0, 0, 0
+    probs[4, 2, 2], probs[4, 2, 4], probs[7, 3, 2] = 0.9, 0.6, 0.5
+    box = torch.tensor([[30., 30, 40, 40]])
+    out = detect.decode(probs, canvas, g, num_objects=10, threshold=0.3, nms_iou=0.3, ink_threshold=32, margin=4)
+    assert torch.equal(out['boxes'], box.repeat(2, 1))
+    assert out['labels'].tolist() == [4, 7] and out['scores'].tolist() == pytest.approx([0.9, 0.5])
+    kept = detect.decode(probs, canvas, g, num_objects=10, threshold=0.3, nms_iou=1.0, ink_threshold=32, margin=4)
+    assert sorted(kept['scores'].tolist()) == pytest.approx([0.5, 0.6, 0.9])  # the duplicate was there to remove
+    one = detect.agnostic_nms(out, 0.3)                                # one label per object: the higher score
+    assert one['labels'].tolist() == [4] and torch.equal(one['boxes'], box)
+    assert len(detect.agnostic_nms(out, 1.0)['boxes']) == 2
 
 
 def test_metric_wiring_on_known_cases():
@@ -278,11 +339,38 @@ def test_bad_input_is_one_line(tiny_mnist, tmp_path, capsys):
     model = SkipMLP(784, [16, 16], 10)
     torch.save({'model': model.state_dict(), 'model_class': 'SkipMLP', 'model_args': model.args,
                 'config': {**ex22.config, 'dataset': 'mnist'}}, skip)
-    for argv, words in ((['--checkpoint', str(skip)], 'SkipMLP cannot be fully convolutionalized'),
-                        (['--canvas_size', '50'], 'cannot surely hold 6 images')):
+    background = tmp_path / 'background.pt'                          # 2.2's own background classifier: 11 classes
+    model = ex22.with_background(CNN(1, 10, [4, 8, 16], depth=0, variant='plain'))
+    torch.save({'model': model.state_dict(), 'model_class': 'CNN', 'model_args': model.args, 'exercise': EX,
+                'config': {**ex22.config, 'dataset': 'mnist', 'data_dir': tiny_mnist}}, background)
+    for argv, words in ((['--checkpoint', str(skip)], 'holds a SkipMLP'),
+                        (['--checkpoint', str(background)], 'gives 11 scores on mnist'),
+                        (['--canvas_size', '50'], 'cannot surely hold 6 images'),
+                        (['--max_shift', '30'], '--max_shift must be in [0, 20]'),     # looped forever
+                        (['--max_shift', '21'], '--max_shift must be in [0, 20]'),
+                        (['--objects', '[6,3]'], '--objects must be [min, max]'),
+                        (['--objects', '[3]'], '--objects must be [min, max]'),
+                        (['--object_size', '[28,300]'], 'cannot surely hold'),
+                        (['--canvas_size', '20', '--objects', '[1,1]', '--object_size', '[10,10]'],
+                         '--canvas_size must be >= 28'),
+                        (['--ink_threshold', '255'], '--ink_threshold must be in [0, 254]'),
+                        (['--nms_iou', '0'], '--nms_iou must be in (0, 1]')):
         with pytest.raises(SystemExit) as e:
             cli(ex22.main, ex22.config, [*argv, '--data_dir', tiny_mnist, '--runs_dir', str(tmp_path / 'runs'),
                                          *TINY])
         err = capsys.readouterr().err
-        assert e.value.code == 1 and words in err and err.count('\n') == 1 and 'Traceback' not in err
+        assert e.value.code == 1 and words in err and err.count('\n') == 1 and 'Traceback' not in err, (argv, err)
     assert not os.path.exists(tmp_path / 'runs')                      # refused before anything was written
+
+
+def test_detection_run_name_is_checked_before_any_stage_trains(tiny_mnist, tmp_path, capsys, monkeypatch):
+    taken = tmp_path / 'runs' / EX / 'taken'
+    taken.mkdir(parents=True)
+    (taken / 'results.json').write_text('{}')
+    monkeypatch.setattr(ex22, 'train_stage', lambda *a, **k: pytest.fail('a stage trained before the name check'))
+    with pytest.raises(SystemExit) as e:
+        cli(ex22.main, ex22.config, ['--data_dir', tiny_mnist, '--runs_dir', str(tmp_path / 'runs'), '--run_name',
+                                     'taken', *TINY])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and 'taken' in err and err.count('\n') == 1 and 'Traceback' not in err
+    assert os.listdir(tmp_path / 'runs' / EX) == ['taken']

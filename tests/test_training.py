@@ -185,7 +185,7 @@ def test_progress_lines_without_a_terminal(monkeypatch, capsys):
     for step in range(100):
         clock['t'] += 1.0  # one second per step
         sums += torch.tensor([0.5 * 32, 0, 32])
-        progress.update(sums)
+        progress.update(sums, 32)  # one process: its batch is the global one
     progress.close()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 9 and lines[0] == '  epoch 1/3  10% | loss 0.5000 | 32 samples/s'

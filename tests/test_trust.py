@@ -101,7 +101,7 @@ def test_mlp_resume_matches_uninterrupted_run_in_every_record(config, stop_at):
     runs = config['runs_dir']
     assert run_1_1(argv_of(config, run_name='ref', subset=400)) == 0
     with SigtermAtStep(stop_at):
-        assert run_1_1(argv_of(config, run_name='cut', subset=400)) == 130
+        assert run_1_1(argv_of(config, run_name='cut', subset=400)) == 143  # 128 + SIGTERM
     last = os.path.join(runs, 'exercise_1_1', 'cut', 'checkpoints', 'last.pt')
     assert (load_checkpoint(last)['epoch'], load_checkpoint(last)['batch']) == ((1, 1) if stop_at == 14 else (1, 5))
     assert run_1_1(argv_of(config, run_name='cut', subset=400, resume=last)) == 0
@@ -153,7 +153,7 @@ def test_study_cell_stopped_mid_training_resumes_exactly(tmp_path):
 
 def test_resume_refuses_changed_optimiser_keys_and_config_json_stays_true(config):
     with SigtermAtStep(3):
-        assert run_1_1(argv_of(config, epochs=2)) == 130
+        assert run_1_1(argv_of(config, epochs=2)) == 143  # 128 + SIGTERM
     run_dir = os.path.join(config['runs_dir'], 'exercise_1_1', 'test')
     last = os.path.join(run_dir, 'checkpoints', 'last.pt')
     before = read(run_dir, 'config.json')
@@ -181,7 +181,7 @@ def test_resume_throughput_counts_only_what_it_timed(config, monkeypatch):
         config = {**config, 'subset': 400, 'batch_size': 32, 'epochs': 2}
         assert run_1_1(argv_of(config, run_name='ref', subset=400)) == 0
         with SigtermAtStep(17):
-            assert run_1_1(argv_of(config, run_name='cut', subset=400)) == 130
+            assert run_1_1(argv_of(config, run_name='cut', subset=400)) == 143  # 128 + SIGTERM
         last = os.path.join(config['runs_dir'], 'exercise_1_1', 'cut', 'checkpoints', 'last.pt')
         assert run_1_1(argv_of(config, run_name='cut', subset=400, resume=last)) == 0
     finally:
@@ -195,7 +195,7 @@ def test_resume_throughput_counts_only_what_it_timed(config, monkeypatch):
 
 def test_resume_auto_continues_an_unfinished_run_and_never_retests_a_finished_one(config, capsys):
     with SigtermAtStep(20):
-        assert run_1_1(argv_of(config, epochs=3)) == 130  # 23 steps per epoch: stopped in epoch 1
+        assert run_1_1(argv_of(config, epochs=3)) == 143  # SIGTERM; 23 steps per epoch: stopped in epoch 1
     assert run_1_1(argv_of(config, epochs=3, resume='auto')) == 0
     run_dir = os.path.join(config['runs_dir'], 'exercise_1_1', 'test')
     assert read(run_dir)['epochs_run'] == 3 and 'resume=auto: resuming' in capsys.readouterr().out
@@ -234,7 +234,7 @@ def test_resuming_another_exercises_checkpoint_writes_nothing(tmp_path, config):
 
 def test_model_that_does_not_match_its_checkpoint_is_refused_before_writing(config):
     with SigtermAtStep(3):
-        assert run_1_1(argv_of(config, epochs=2)) == 130
+        assert run_1_1(argv_of(config, epochs=2)) == 143  # 128 + SIGTERM
     last = os.path.join(config['runs_dir'], 'exercise_1_1', 'test', 'checkpoints', 'last.pt')
     run = Run('exercise_1_1', {**config, 'resume': last}, {'resume': last})
     with pytest.raises(UserError, match=r'holds a MLP.*but this run built a MLP'):
@@ -310,7 +310,7 @@ def test_fresh_runs_get_fresh_wandb_ids_and_a_resume_keeps_its_own(config, monke
     inits = []
     monkeypatch.setattr(wandb, 'init', lambda **kw: inits.append(kw) or FakeWandbRun())
     with SigtermAtStep(3):
-        assert run_1_1(argv_of(config, wandb='offline')) == 130
+        assert run_1_1(argv_of(config, wandb='offline')) == 143  # 128 + SIGTERM
     first = load_checkpoint(os.path.join(config['runs_dir'], 'exercise_1_1', 'test', 'checkpoints', 'last.pt'))
     assert first['wandb_id'] == inits[0]['id']
     assert run_1_1(argv_of(config, wandb='offline', resume='auto')) == 0
@@ -356,8 +356,20 @@ def test_failed_checkpoint_and_figure_writes_leave_old_files_and_no_temp_files(t
     assert sorted(os.listdir(tmp_path)) == ['curves.png', 'last.pt']
 
 
-def test_exercise_2_3_leaves_the_readme_figures_alone_by_default():
-    assert ex23.config['assets'] is False
+def test_exercise_2_3_leaves_the_readme_figures_alone_by_default(tmp_path, config, monkeypatch):
+    """A run of part 1 without --assets writes its figures into its run only: the README's
+    assets/ (here a stand-in beside a stand-in script folder) is not touched."""
+    import exercise_1_3
+    monkeypatch.setattr(ex23, 'HERE', str(tmp_path / 'repo'))
+    model = CNN(1, 10, [4, 8, 8], depth=0)
+    path = tmp_path / 'cnn.pt'
+    torch.save({'model': model.state_dict(), 'model_class': 'CNN', 'model_args': model.args, 'exercise': 'exercise_1_3',
+                'config': {**exercise_1_3.config, 'dataset': 'digits', 'data_dir': config['data_dir']}}, path)
+    results = ex23.main({**ex23.config, 'part': 'cnn', 'checkpoint': str(path), 'runs_dir': config['runs_dir'],
+                         'wandb': 'off', 'device': 'cpu', 'faithfulness_images': 4, 'faithfulness_steps': 2,
+                         'per_class': [1, 0]}, {})
+    assert results['figures'] and all(p.startswith(config['runs_dir']) for p in results['figures'])
+    assert not (tmp_path / 'repo').exists()
 
 
 # ---------------------------------------------------------------------------------------------
