@@ -202,7 +202,7 @@ def cli(main: Callable[[dict[str, Any], dict[str, Any]], Any], config: dict[str,
     `choices` adds the script's own allowed values (e.g. the datasets it supports).
 
     Exit codes: 2 for a bad command line, 1 for other user errors (missing data, corrupt
-    checkpoint), 130 after an interrupted run that saved a checkpoint.
+    checkpoint), 128 + the signal (130 Ctrl-C, 143 SIGTERM) after an interrupted run that saved a checkpoint.
     """
     argv = sys.argv[1:] if argv is None else argv
     script = inspect.getsourcefile(main) or sys.argv[0]
