@@ -377,16 +377,16 @@ def check_maps(model: nn.Module, x: Tensor, layer: nn.Module, fc: nn.Linear, acc
     hw = tuple(cam(model, x[:1], layer, fc, normalize=False).shape[-2:])
     print(f"maps explained: {hw[0]}x{hw[1]} cells at the target layer for {x.shape[2]}x{x.shape[3]} px inputs, "
           f"upsampled to the image")
-    if min(hw) < config['min_map_size']:
-        raise UserError(f"the target layer's maps are {hw[0]}x{hw[1]} for {x.shape[2]}x{x.shape[3]} px inputs, below "
-                        f"--min_map_size {config['min_map_size']}: too coarse to say where the model looks (use a "
-                        f"checkpoint with fewer poolings or larger inputs)")
     warnings = []
     chance = 1 / classes
     if acc < chance + (1 - chance) / 2:  # closer to chance than to perfect
         warnings.append(f"WARNING: test accuracy {100 * acc:.1f}% is near chance ({100 * chance:.0f}%): the maps "
                         f"explain a model that has learned little, and say little about the task")
         print(warnings[-1])
+    if min(hw) < config['min_map_size']:
+        raise UserError(f"the target layer's maps are {hw[0]}x{hw[1]} for {x.shape[2]}x{x.shape[3]} px inputs, below "
+                        f"--min_map_size {config['min_map_size']}: too coarse to say where the model looks (use a "
+                        f"checkpoint with fewer poolings or larger inputs)")
     return hw, warnings
 
 
