@@ -43,6 +43,7 @@ Measured results (our CNN on Fashion-MNIST, CPU) are in README.md.
 import glob
 import json
 import os
+import textwrap
 
 import torch
 from torch import Tensor, nn
@@ -520,8 +521,8 @@ def explain_resnet(run: Run, config: dict) -> dict:
     acc = right.mean().item()
     per_class = [right[val.y == k].mean().item() if (val.y == k).any() else None for k in range(len(classes))]
     print(f"part 2: {label}, top-1 on Imagenette val ({len(val)} images, {config['image_size']} px, "
-          f"ImageNet head rows {IMAGENETTE_TO_IMAGENET}): {100 * acc:.2f}%\n  NOT zero-shot, NOT held out: "
-          f"{NOT_HELD_OUT}")
+          f"ImageNet head rows {IMAGENETTE_TO_IMAGENET}): {100 * acc:.2f}%")
+    print(textwrap.fill(f"NOT zero-shot, NOT held out: {NOT_HELD_OUT}", 100, initial_indent='  ', subsequent_indent='  '))
 
     layer, fc = model.layer4, model.fc
     hw, warnings = check_maps(model, val.normalize(val.x[:1]), layer, fc, acc, len(classes), config)
