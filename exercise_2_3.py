@@ -600,4 +600,5 @@ def main(config: dict, overrides: dict) -> dict:
 
 if __name__ == '__main__':
     cli(main, config, choices={'part': ('cnn', 'resnet', 'all'), 'weights': ('imagenet', 'random'),
+                               'substrate': ('auto', 'black', 'rise'),
                                'dataset': ('cifar10', 'fashion_mnist', 'mnist', 'digits')})

@@ -331,9 +331,11 @@ def compare(ours: Tensor, theirs: Tensor, better: str, seed: int = 0) -> dict:
 
 def faithfulness(model: nn.Module, images: Tensor, maps: Tensor, class_idx: ClassIdx,
                  mean: Tensor | None = None, std: Tensor | None = None, **kw) -> dict:
-    """All four scalar metrics as plain floats (JSON-ready); kw go to deletion_insertion_auc."""
+    """All four scalar metrics as plain floats (JSON-ready); kw go to deletion_insertion_auc, and its
+    substrate_fn (what deleted pixels become) is Average Drop's masking substrate too."""
     di = deletion_insertion_auc(model, images, maps, class_idx, **kw)
-    ad = average_drop_increase(model, images, maps, class_idx, mean=mean, std=std)
+    ad = average_drop_increase(model, images, maps, class_idx, mean=mean, std=std,
+                               substrate_fn=kw.get('substrate_fn'))
     return {'deletion_auc': di['deletion_auc'], 'insertion_auc': di['insertion_auc'], **ad}
 
 
