@@ -380,7 +380,8 @@ def decode(probs: Tensor, canvas: np.ndarray, geometry: Geometry, num_objects: i
     maps; an 11th background map only competes through the softmax), the local maxima (3x3) with
     score >= threshold; each maps back to its crop (geometry), is refined to the ink in it
     (refine_boxes; refine / drop_empty switch its heuristics off), and per-class NMS (torchvision
-    batched_nms, IoU > nms_iou) removes duplicates. Returns {'boxes' (D, 4) xyxy, 'scores' (D,), 'labels' (D,)}, highest score first."""
+    batched_nms, IoU > nms_iou) removes duplicates.
+    Returns {'boxes' (D, 4) xyxy, 'scores' (D,), 'labels' (D,)}, highest score first."""
     from torchvision.ops import batched_nms
     s = probs[:num_objects]                                                      # (K, H', W')
     peak = (s == F.max_pool2d(s[None], 3, stride=1, padding=1)[0]) & (s >= threshold)

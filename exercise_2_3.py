@@ -68,7 +68,7 @@ config = {
     'per_class': [2, 1],            # test images shown per class: [correct, wrong] predictions
     'faithfulness_images': 500,     # part 1 test images scored, evenly spread over the test split
     'faithfulness_steps': 32,       # deletion/insertion steps of H*W/steps pixels each (curves: steps + 1 points)
-    'substrate': 'auto',            # what a removed pixel becomes: auto (black on mnist/fashion_mnist/digits, else rise) | black | rise
+    'substrate': 'auto',            # auto (black on mnist, fashion_mnist, digits; else rise) | black | rise
     'sensitivity': True,            # also score every map with the other substrate (a sensitivity table)
     'min_map_size': 3,              # refuse target-layer maps smaller than this many cells a side (1x1 cannot localise)
     'weights': 'imagenet',          # imagenet (torchvision download) | random (smoke runs: meaningless maps)
@@ -208,7 +208,8 @@ def faithfulness_table(model: nn.Module, x: Tensor, layer: nn.Module, fc: nn.Lin
     classes = fc.out_features
     agree = torch.cat(start_agree).float().mean().item()
     checks = {'cam_vs_grad_cam_max_abs_diff': same,
-              'insertion_start': {'agreement_with_prediction': agree, 'mean_p_predicted': torch.cat(start_p).mean().item(),
+              'insertion_start': {'agreement_with_prediction': agree,
+                                  'mean_p_predicted': torch.cat(start_p).mean().item(),
                                   'chance': 1 / classes, 'near_chance': agree < 2 / classes,
                                   'rule': 'near chance = the start image gets the prediction of the full image for '
                                           'fewer than 2 / classes of the images'}}
@@ -522,7 +523,8 @@ def explain_resnet(run: Run, config: dict) -> dict:
     per_class = [right[val.y == k].mean().item() if (val.y == k).any() else None for k in range(len(classes))]
     print(f"part 2: {label}, top-1 on Imagenette val ({len(val)} images, {config['image_size']} px, "
           f"ImageNet head rows {IMAGENETTE_TO_IMAGENET}): {100 * acc:.2f}%")
-    print(textwrap.fill(f"NOT zero-shot, NOT held out: {NOT_HELD_OUT}", 100, initial_indent='  ', subsequent_indent='  '))
+    print(textwrap.fill(f"NOT zero-shot, NOT held out: {NOT_HELD_OUT}", 100, initial_indent='  ',
+                        subsequent_indent='  '))
 
     layer, fc = model.layer4, model.fc
     hw, warnings = check_maps(model, val.normalize(val.x[:1]), layer, fc, acc, len(classes), config)

@@ -197,7 +197,8 @@ SUBSTRATES = {  # what a removed pixel becomes; the same in deletion, Average Dr
 }
 
 
-def substrate_fns(name: str, mean: Tensor, std: Tensor) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+def substrate_fns(name: str, mean: Tensor, std: Tensor) -> tuple[Callable[[Tensor], Tensor],
+                                                               Callable[[Tensor], Tensor]]:
     """(removed, insertion_start) for normalised images (B, C, H, W): `removed(x)` is what deleted or
     masked pixels become, `insertion_start(x)` the image insertion starts from. mean, std per channel."""
     if name == 'black':
