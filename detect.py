@@ -359,12 +359,23 @@ def ink_components(canvas: np.ndarray, ink_threshold: int) -> np.ndarray:
 
 
 def refine_boxes(windows: np.ndarray, window: int, canvas: np.ndarray, ink_threshold: int,
-                 margin: int) -> tuple[np.ndarray, np.ndarray]:
+                 margin: int, refine: bool = True, drop_empty: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (D, 4) xyxy for detection windows with top-left (y, x) (D, 2), and a keep mask (D,).
 
     A box is the union of the ink components lying wholly inside the window grown by `margin` px
     (an object up to `margin` px off the window's grid position is still whole inside); if none
-    is, the ink box of the window itself; a window with no ink is dropped."""
+    is, the ink box of the window itself; a window with no ink is dropped.
+    Both heuristics can be switched off, to measure what they add to the network's own output
+    (the box ablation): refine=False gives the raw window (clipped to the canvas) as the box,
+    drop_empty=False keeps windows with no ink (with their raw window as the box)."""
+    if not refine or not drop_empty:
+        size = np.array(canvas.shape[:2])
+        raw = np.concatenate([np.clip(windows, 0, size), np.clip(windows + window, 0, size)], 1)[:, [1, 0, 3, 2]]
+        if not refine:
+            keep = np.array([(canvas[t:b, l:r] > ink_threshold).any() for l, t, r, b in raw], bool)
+            return raw, keep | (not drop_empty)
+        boxes, keep = refine_boxes(windows, window, canvas, ink_threshold, margin)
+        return np.where(keep[:, None], boxes, raw), np.ones(len(windows), bool)
     comps = ink_components(canvas, ink_threshold)                    # (K, 4) y0 x0 y1 x1
     lo = windows - margin                                            # (D, 2)
     hi = windows + window + margin
@@ -387,11 +398,13 @@ def refine_boxes(windows: np.ndarray, window: int, canvas: np.ndarray, ink_thres
 
 
 def decode(probs: Tensor, canvas: np.ndarray, geometry: Geometry, num_objects: int, threshold: float,
-           nms_iou: float, ink_threshold: int, margin: int) -> dict[str, Tensor]:
+           nms_iou: float, ink_threshold: int, margin: int, refine: bool = True,
+           drop_empty: bool = True) -> dict[str, Tensor]:
     """Detections of one canvas from its score maps (n, H', W'): per class (the first num_objects
     maps; an 11th background map only competes through the softmax), the local maxima (3x3) with
     score >= threshold; each maps back to its crop (geometry), is refined to the ink in it
-    (refine_boxes), and per-class NMS (torchvision batched_nms, IoU > nms_iou) removes duplicates.
+    (refine_boxes; refine / drop_empty switch its heuristics off), and per-class NMS (torchvision
+    batched_nms, IoU > nms_iou) removes duplicates.
     Returns {'boxes' (D, 4) xyxy, 'scores' (D,), 'labels' (D,)}, highest score first."""
     from torchvision.ops import batched_nms
     s = probs[:num_objects]                                                      # (K, H', W')
@@ -399,7 +412,7 @@ def decode(probs: Tensor, canvas: np.ndarray, geometry: Geometry, num_objects: i
     c, i, j = peak.nonzero(as_tuple=True)
     scores = s[c, i, j]
     windows = geometry.windows(i, j).numpy()                                     # (D, 2) y, x
-    boxes, keep = refine_boxes(windows, geometry.window, canvas, ink_threshold, margin)
+    boxes, keep = refine_boxes(windows, geometry.window, canvas, ink_threshold, margin, refine, drop_empty)
     boxes = torch.from_numpy(boxes[keep]).float()
     scores, labels = scores[torch.from_numpy(keep)], c[torch.from_numpy(keep)]
     order = batched_nms(boxes, scores, labels, nms_iou)                          # sorted by score
@@ -408,7 +421,7 @@ def decode(probs: Tensor, canvas: np.ndarray, geometry: Geometry, num_objects: i
 
 def detect(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, std: Tensor, num_objects: int,
            threshold: float, nms_iou: float, ink_threshold: int, margin: int, batch_size: int = 64,
-           ) -> tuple[list[dict[str, Tensor]], Tensor]:
+           refine: bool = True, drop_empty: bool = True) -> tuple[list[dict[str, Tensor]], Tensor]:
     """Detections for every canvas (batched forward), and the score maps of the first canvas."""
     out, first = [], None
     for start in range(0, len(canvases), batch_size):
@@ -417,7 +430,7 @@ def detect(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, std: Tenso
         first = probs[0] if first is None else first
         for k in range(len(imgs)):
             out.append(decode(probs[k], imgs[k, 0].numpy(), fcn.geometry, num_objects, threshold, nms_iou,
-                              ink_threshold, margin))
+                              ink_threshold, margin, refine, drop_empty))
     return out, first
 
 

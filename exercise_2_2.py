@@ -90,6 +90,7 @@ config = {
     'agnostic_iou': 0.3,            # then class-agnostic NMS for the output (P/R/F1, count): one label per object; 1 = off
     'refine_margin': 4,             # px: ink components this far outside a detection's crop still count as its own
     'timing_threads': 1,            # torch threads while timing ms per canvas (batch 1)
+    'box_ablation': True,           # also score each track with raw window boxes and / or without the no-ink rule
     'figure_canvases': 4,           # test canvases drawn with their boxes
     'assets': False,                # opt-in: also copy the figures to assets_dir/ex22_*.png (the README's)
     'assets_dir': 'assets',         # relative to this script's folder unless absolute
@@ -277,6 +278,49 @@ def run_track(name: str, model: nn.Module, data: Data, val: detect.Canvases, tes
     return {'metrics': out, 'preds': detect.above(output, threshold), 'maps': maps, 'geometry': fcn.geometry}
 
 
+# The box ablation: which part of each number the network earns. (refine, drop_empty) of detect.decode.
+ABLATION = {'ink_refined_no_ink_dropped': (True, True),     # the detector as reported
+            'ink_refined_all_windows': (True, False),       # no hand-made objectness: empty windows stay
+            'raw_windows_no_ink_dropped': (False, True),    # the network's own box: the window it fired in
+            'raw_windows_all_windows': (False, False)}      # the network alone: no ink heuristics at all
+
+
+def box_ablation(model: nn.Module, data: Data, val: detect.Canvases, test: detect.Canvases, config: dict,
+                 reported: dict) -> dict:
+    """The track's metrics with the two ink heuristics of the decoder switched off, each variant with
+    its own best-F1 threshold on the val canvases (so no variant is judged at another's threshold).
+    The first variant is the track as reported (`reported`, not recomputed)."""
+    fcn = detect.fully_convolutionalize(model, data.shape)
+    mean, std = data.train.mean.cpu(), data.train.std.cpu()
+    kw = dict(num_objects=len(data.classes), nms_iou=config['nms_iou'], ink_threshold=config['ink_threshold'],
+              margin=config['refine_margin'])
+    keys = ('map_50', 'map', 'precision', 'recall', 'f1', 'count_acc', 'threshold')
+    out = {'ink_refined_no_ink_dropped': {k: reported[k] for k in keys}}
+    targets = [test.targets(k) for k in range(len(test))]
+    for name, (refine, drop_empty) in list(ABLATION.items())[1:]:
+        val_preds, _ = detect.detect(fcn, val, mean, std, threshold=config['min_score'], refine=refine,
+                                     drop_empty=drop_empty, **kw)
+        val_preds = [detect.agnostic_nms(p, config['agnostic_iou']) for p in val_preds]
+        threshold = detect.best_threshold(*detect.match(val_preds, [val.targets(k) for k in range(len(val))]))
+        preds, _ = detect.detect(fcn, test, mean, std, threshold=min(config['min_score'], threshold), refine=refine,
+                                 drop_empty=drop_empty, **kw)
+        output = [detect.agnostic_nms(p, config['agnostic_iou']) for p in preds]
+        scores, tp, n_gt = detect.match(output, targets)
+        m = {**detect.coco_metrics(preds, targets), **detect.prf_at(scores, tp, n_gt, threshold),
+             'count_acc': detect.count_accuracy(output, targets, threshold), 'threshold': threshold}
+        out[name] = {k: m[k] for k in keys}
+    return out
+
+
+def print_ablation(ablation: dict) -> None:
+    print("\nbox ablation (each variant thresholded on the val canvases)")
+    cols = ('map_50', 'map', 'f1', 'count_acc')
+    print(f"  {'track':<26}{'variant':<28}" + ''.join(f"{k:>11}" for k in cols))
+    for track, variants in ablation.items():
+        for name, m in variants.items():
+            print(f"  {TRACKS[track][:24]:<26}{name:<28}" + ''.join(f"{m[k]:>11.4f}" for k in cols))
+
+
 # ---------------------------------------------------------------------------------------------
 
 def hardware() -> dict:
@@ -359,6 +403,9 @@ def main(config: dict, overrides: dict) -> dict:
     config = run.config
     tracks = {'zero_shot': run_track('zero_shot', classifier, data, val, test, config),
               'background': run_track('background', background, data, val, test, config)}
+    models = {'zero_shot': classifier, 'background': background}
+    ablation = ({n: box_ablation(models[n], data, val, test, config, t['metrics']) for n, t in tracks.items()}
+                if config['box_ablation'] else None)
 
     # 4. records: results.json, figures, TensorBoard / W&B
     results = {
@@ -372,6 +419,8 @@ def main(config: dict, overrides: dict) -> dict:
                                       'objects': sum(len(b) for b in test.boxes)},
                      'val': {'split': 'val', 'n': len(val), 'seed': [config['canvas_seed'], 1]}},
         'tracks': {name: t['metrics'] for name, t in tracks.items()},
+        'box_ablation': ablation,
+        'box_ablation_means': {k: {'refine': r, 'drop_empty': d} for k, (r, d) in ABLATION.items()},
         'targets_unmeasured': TARGETS,
         'hardware': {**hardware(), 'load_average_start': load_start, 'load_average_end': os.getloadavg()},
         'seconds': time.perf_counter() - t_start,
@@ -380,6 +429,11 @@ def main(config: dict, overrides: dict) -> dict:
         run.log({f'{name}/{k}': v for k, v in t['metrics'].items() if isinstance(v, (int, float))}, step=0)
     run.log_table('tracks', [{'track': name, **{k: v for k, v in t['metrics'].items() if isinstance(v, (int, float))}}
                              for name, t in tracks.items()])
+    if ablation:  # what the console prints under "box ablation", in W&B and TensorBoard too
+        run.log({f'{track}/ablation/{variant}/{k}': v for track, variants in ablation.items()
+                 for variant, m in variants.items() for k, v in m.items()}, step=0)
+        run.log_table('box_ablation', [{'track': track, 'variant': variant, **m}
+                                       for track, variants in ablation.items() for variant, m in variants.items()])
     title = f"{data.name}: {len(test)} test-split canvases of {config['canvas_size']} px"
     figures = {
         'detections': detect.plot_detections(test, {TRACKS[n]: t['preds'] for n, t in tracks.items()}, data.classes,
@@ -398,6 +452,8 @@ def main(config: dict, overrides: dict) -> dict:
     results['provenance'] = run.provenance(data)
     write_json(run.path('results.json'), results)
     print_table(results)
+    if ablation:
+        print_ablation(ablation)
     print(f"-> {run.path('results.json')}")
     run.finish(results)
     return results

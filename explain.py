@@ -16,9 +16,14 @@ pytorch-grad-cam does it, so the two agree to float precision:
 Faithfulness metrics ask "does the model actually rely on the highlighted pixels?":
     deletion / insertion AUC            (Petsiuk et al. 2018, RISE)
     Average Drop / Increase in Confidence (Chattopadhay et al. 2018, Grad-CAM++)
+What a "removed" pixel becomes is one choice, the substrate (substrate_fns): 'black' (pixel
+value 0, for black-background sets like MNIST) or 'rise' (the dataset-mean colour, i.e. 0 in
+normalised space, and a Gaussian blur as the insertion start, as RISE's code does). Every
+number gets a paired bootstrap interval over images (bootstrap_ci, compare).
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -169,14 +174,60 @@ def _class_probs(model: nn.Module, images: Tensor, c: Tensor) -> Tensor:
     return model(images).softmax(1).gather(1, c[:, None])[:, 0]
 
 
-def blur(images: Tensor) -> Tensor:
-    """Default insertion substrate: strong Gaussian blur (kernel 11, sigma 5, as in RISE)."""
-    return gaussian_blur(images, kernel_size=[11, 11], sigma=[5.0, 5.0])
+def blur_sigma(width: int) -> float:
+    """RISE's blur (sigma 5 px at 224 px, 2.2% of the width) scaled to an image `width` px wide:
+    a fixed 5 px would wipe out 16-18% of a 28-32 px image, far more than RISE removed."""
+    return 5.0 * width / 224
+
+
+def blur(images: Tensor, sigma: float | None = None) -> Tensor:
+    """Insertion start of the 'rise' substrate: a Gaussian blur, sigma = blur_sigma(W) unless given;
+    kernel 2*ceil(2 sigma) + 1 (+-2 sigma, at least 3 px), odd as gaussian_blur wants."""
+    sigma = blur_sigma(images.shape[-1]) if sigma is None else sigma
+    k = max(3, 2 * math.ceil(2 * sigma) + 1)
+    return gaussian_blur(images, kernel_size=[k, k], sigma=[sigma, sigma])
+
+
+SUBSTRATES = {  # what a removed pixel becomes; the same in deletion, Average Drop and Increase in Confidence
+    'black': 'removed pixels become black (pixel value 0) in deletion, Average Drop and Increase in Confidence; '
+             'insertion starts from an all-black image',
+    'rise': 'removed pixels become the dataset-mean colour (0 in normalised space, RISE\'s deletion) in deletion, '
+            'Average Drop and Increase in Confidence; insertion starts from a Gaussian blur of the image (RISE), '
+            'sigma = 5 px * width / 224',
+}
+
+
+def substrate_fns(name: str, mean: Tensor, std: Tensor) -> tuple[Callable[[Tensor], Tensor],
+                                                               Callable[[Tensor], Tensor]]:
+    """(removed, insertion_start) for normalised images (B, C, H, W): `removed(x)` is what deleted or
+    masked pixels become, `insertion_start(x)` the image insertion starts from. mean, std per channel."""
+    if name == 'black':
+        shift = (-torch.as_tensor(mean) / torch.as_tensor(std)).view(1, -1, 1, 1)  # pixel 0, normalised
+
+        def black(x: Tensor) -> Tensor:
+            return shift.to(x).expand_as(x)
+        return black, black
+    if name == 'rise':
+        return torch.zeros_like, blur
+    raise ValueError(f"unknown substrate {name!r}; choose one of {sorted(SUBSTRATES)}")
+
+
+def _saliency_order(maps: Tensor, tie_break: Tensor | None) -> Tensor:
+    """Pixel indices (B, H*W), most salient first. Equal saliency is ordered by tie_break (B, H, W),
+    descending: with the i.i.d. random map there, a flat map (or a map's flat zero region) is
+    ranked exactly as the random baseline ranks it, never by raster order."""
+    flat = maps.reshape(len(maps), -1)
+    if tie_break is None:
+        return flat.argsort(dim=1, descending=True)
+    pre = tie_break.to(maps.device).reshape(len(maps), -1).argsort(dim=1, descending=True)
+    inner = flat.gather(1, pre).argsort(dim=1, descending=True, stable=True)
+    return pre.gather(1, inner)
 
 
 def deletion_insertion_auc(model: nn.Module, images: Tensor, maps: Tensor, class_idx: ClassIdx,
                            steps: int = 32, substrate_fn: Callable[[Tensor], Tensor] | None = None,
-                           batch_size: int = 256) -> dict:
+                           batch_size: int = 256, insertion_fn: Callable[[Tensor], Tensor] | None = None,
+                           tie_break: Tensor | None = None) -> dict:
     """RISE deletion / insertion curves and their areas (mean over images).
 
     Pixels are ranked by saliency (maps (B, H, W)); at step i the top floor(i*H*W/steps)
@@ -185,14 +236,17 @@ def deletion_insertion_auc(model: nn.Module, images: Tensor, maps: Tensor, class
     class_idx against the fraction i/steps in [0, 1]; AUC is its trapezoidal area.
     Lower deletion AUC and higher insertion AUC mean a more faithful map.
 
-    substrate_fn(images) -> (B, C, H, W). Default (None): zeros for deletion (the dataset
-    mean, since images are mean/std-normalised) and a blurred copy for insertion.
+    substrate_fn(images) -> (B, C, H, W): what deleted pixels become, and the insertion start
+    too unless insertion_fn is given. Default (None): zeros for deletion (the dataset mean,
+    since images are mean/std-normalised) and blur (sigma scaled to the width) for insertion.
+    tie_break (B, H, W): orders pixels of equal saliency (see _saliency_order).
     batch_size bounds memory: about that many perturbed images (at least B) per forward pass.
+    Besides the means, 'deletion_aucs' / 'insertion_aucs' (B,) hold every image's own AUC.
     """
     B, C, H, W = images.shape
     maps = maps.to(images.device)  # everything below lives where the images are
     # rank[b, p] = position of pixel p in image b's saliency order (0 = most salient)
-    order = maps.reshape(B, H * W).argsort(dim=1, descending=True)
+    order = _saliency_order(maps, tie_break)
     positions = torch.arange(H * W, device=order.device).expand(B, -1)
     rank = torch.empty_like(order).scatter_(1, order, positions).view(B, 1, H, W)
     n_swapped = torch.arange(steps + 1, device=order.device) * (H * W) // steps  # per step
@@ -202,7 +256,7 @@ def deletion_insertion_auc(model: nn.Module, images: Tensor, maps: Tensor, class
     with _eval_mode(model), torch.no_grad():
         c = _class_indices(class_idx, model(images))
         substrates = {'deletion': (substrate_fn or torch.zeros_like)(images),
-                      'insertion': (substrate_fn or blur)(images)}
+                      'insertion': (insertion_fn or substrate_fn or blur)(images)}
         for kind, substrate in substrates.items():
             # the curve morphs `start` into `end`, most salient pixels first
             start, end = (images, substrate) if kind == 'deletion' else (substrate, images)
@@ -214,14 +268,16 @@ def deletion_insertion_auc(model: nn.Module, images: Tensor, maps: Tensor, class
             curves[kind] = torch.cat(probs).T                                # (B, steps+1)
 
     x_axis = torch.linspace(0, 1, steps + 1, device=order.device)
-    return {'deletion_auc': torch.trapezoid(curves['deletion'], x_axis).mean().item(),
-            'insertion_auc': torch.trapezoid(curves['insertion'], x_axis).mean().item(),
+    aucs = {kind: torch.trapezoid(curve, x_axis) for kind, curve in curves.items()}  # (B,) each
+    return {'deletion_auc': aucs['deletion'].mean().item(), 'insertion_auc': aucs['insertion'].mean().item(),
+            'deletion_aucs': aucs['deletion'], 'insertion_aucs': aucs['insertion'],
             'deletion_curve': curves['deletion'].mean(0),
             'insertion_curve': curves['insertion'].mean(0)}
 
 
 def average_drop_increase(model: nn.Module, images: Tensor, maps: Tensor, class_idx: ClassIdx,
-                          mean: Tensor | None = None, std: Tensor | None = None) -> dict:
+                          mean: Tensor | None = None, std: Tensor | None = None,
+                          substrate_fn: Callable[[Tensor], Tensor] | None = None, per_image: bool = False) -> dict:
     """Average Drop % and Increase in Confidence % (Grad-CAM++ paper, Sec. 5.1).
 
     Y = p(c | image), O = p(c | image * map), maps (B, H, W) in [0, 1].
@@ -232,25 +288,55 @@ def average_drop_increase(model: nn.Module, images: Tensor, maps: Tensor, class_
     i.e. masked pixels turn black rather than dataset-mean grey. Written in normalised
     space, (x*std + mean) * m re-normalised is x*m + (m - 1)*mean/std, which is exactly x
     when m = 1. Without them the product is taken in normalised space (masked -> mean).
+    substrate_fn(images), if given, is what a fully masked pixel becomes instead:
+    masked = s + m * (x - s), the same "removed" as deletion's (see substrate_fns).
+    per_image: also 'average_drops' and 'increases' (B,), each image's own term.
     """
     m = maps[:, None]                                                    # (B, 1, H, W)
     masked = images * m
-    if mean is not None and std is not None:
+    if substrate_fn is not None:
+        s = substrate_fn(images)
+        masked = s + m * (images - s)
+    elif mean is not None and std is not None:
         shift = (torch.as_tensor(mean) / torch.as_tensor(std)).to(images).view(1, -1, 1, 1)
         masked = masked + (m - 1) * shift
     with _eval_mode(model), torch.no_grad():
         c = _class_indices(class_idx, model(images))
         Y = _class_probs(model, images, c)
         O = _class_probs(model, masked, c)
-    return {'average_drop': 100 * ((Y - O).clamp(min=0) / Y).mean().item(),
-            'increase_in_confidence': 100 * (O > Y).float().mean().item()}
+    drops, increases = 100 * (Y - O).clamp(min=0) / Y, 100 * (O > Y).float()  # (B,) each
+    out = {'average_drop': drops.mean().item(), 'increase_in_confidence': increases.mean().item()}
+    return out | ({'average_drops': drops, 'increases': increases} if per_image else {})
+
+
+def bootstrap_ci(values: Tensor, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval [lo, hi] of the mean of per-image values (N,): images drawn with
+    replacement `resamples` times. Given paired differences (ours - theirs, image by image) it is the
+    paired bootstrap: both sides are resampled together, so what images share cancels."""
+    v = values.detach().double().cpu().flatten()
+    idx = torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))
+    means = v[idx].mean(1)                                               # (resamples,)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.double))
+    return [lo.item(), hi.item()]
+
+
+def compare(ours: Tensor, theirs: Tensor, better: str, seed: int = 0) -> dict:
+    """Paired comparison of per-image values (N,) of one metric ('lower' or 'higher' is better):
+    the mean difference ours - theirs, its 95% paired bootstrap interval, and the verdict:
+    'better' / 'worse' only when the interval excludes 0 (at 95% confidence), else 'tie'."""
+    d = ours.double() - theirs.double()
+    lo, hi = bootstrap_ci(d, seed=seed)
+    good, bad = (hi < 0, lo > 0) if better == 'lower' else (lo > 0, hi < 0)
+    return {'diff': d.mean().item(), 'ci95': [lo, hi], 'verdict': 'better' if good else 'worse' if bad else 'tie'}
 
 
 def faithfulness(model: nn.Module, images: Tensor, maps: Tensor, class_idx: ClassIdx,
                  mean: Tensor | None = None, std: Tensor | None = None, **kw) -> dict:
-    """All four scalar metrics as plain floats (JSON-ready); kw go to deletion_insertion_auc."""
+    """All four scalar metrics as plain floats (JSON-ready); kw go to deletion_insertion_auc, and its
+    substrate_fn (what deleted pixels become) is Average Drop's masking substrate too."""
     di = deletion_insertion_auc(model, images, maps, class_idx, **kw)
-    ad = average_drop_increase(model, images, maps, class_idx, mean=mean, std=std)
+    ad = average_drop_increase(model, images, maps, class_idx, mean=mean, std=std,
+                               substrate_fn=kw.get('substrate_fn'))
     return {'deletion_auc': di['deletion_auc'], 'insertion_auc': di['insertion_auc'], **ad}
 
 

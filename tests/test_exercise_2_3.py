@@ -15,7 +15,7 @@ from synthetic import write_cifar10
 
 CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 TINY = ['--wandb', 'off', '--device', 'cpu', '--faithfulness_images', '12', '--faithfulness_steps', '4',
-        '--per_class', '[1,1]', '--batch_size', '16']
+        '--per_class', '[1,1]', '--batch_size', '16', '--sensitivity', 'False']  # part 1's smoke test turns it on
 
 
 def write_imagenette(root, per_class: int = 2, size=(72, 88)) -> str:
@@ -135,13 +135,15 @@ def test_part1_smoke_writes_figures_and_faithfulness(tiny_checkpoint, tmp_path, 
     runs = str(tmp_path / 'runs')
     cli(ex23.main, ex23.config, ['--checkpoint', tiny_checkpoint['path'], '--part', 'cnn',
                                  '--assets_dir', str(tmp_path / 'assets'), '--runs_dir', runs, '--run_name', 'p1',
-                                 *TINY])
+                                 *TINY, '--sensitivity', 'True'])
     run_dir, results = results_of(runs, 'p1')
     assert results['cnn_setup']['dataset'] == 'cifar10' and results['cnn_setup']['images'] == 12
-    assert set(results['cnn']) == {'cam', 'grad_cam', 'grad_cam_pp', 'random', 'random_smooth'}
+    assert results['cnn_setup']['substrate'] == 'rise' and results['cnn_sensitivity']['substrate'] == 'black'
+    assert results['cnn_setup']['map_size'] == [4, 4]
+    assert set(results['cnn']) == {'cam', 'grad_cam', 'grad_cam_pp', 'random', 'random_smooth', 'constant'}
     for method in ('cam', 'grad_cam', 'grad_cam_pp'):
         row = results['cnn'][method]
-        for baseline in ('random', 'random_smooth'):
+        for baseline in ('random', 'random_smooth', 'constant'):
             assert set(row[f'beats_{baseline}']) == set(ex23.BETTER)
             assert all(isinstance(v, bool) for v in row[f'beats_{baseline}'].values())
         assert 0 <= row['deletion_auc'] <= 1 and 0 <= row['average_drop'] <= 100
@@ -173,7 +175,8 @@ def test_part1_trains_exercise_1_3_when_there_is_no_checkpoint(tiny_checkpoint, 
 # ---------------------------------------------------------------------------------------------
 # Part 2: ResNet-18 on Imagenette
 
-PART2 = ['--part', 'resnet', '--weights', 'random', '--image_size', '64', '--resnet_faithfulness_images', '8']
+PART2 = ['--part', 'resnet', '--weights', 'random', '--image_size', '64', '--resnet_faithfulness_images', '8',
+         '--min_map_size', '2']  # 64 px: 2x2 maps at layer4, enough for a smoke run
 
 
 def test_part2_smoke_random_weights(imagenette_dir, tmp_path):
@@ -182,12 +185,13 @@ def test_part2_smoke_random_weights(imagenette_dir, tmp_path):
                                  '--assets', 'True', '--assets_dir', str(tmp_path / 'assets'), '--imagenette_limit', '4', *TINY])
     run_dir, results = results_of(runs, 'p2')
     assert results['resnet18_weights'] == 'random' and results['resnet18_setup']['weights'] == 'random weights'
-    assert results['resnet18_setup']['val_images'] == 4 and 0 <= results['resnet18_zero_shot_acc'] <= 1
-    assert set(results['resnet18']) == {'cam', 'grad_cam', 'grad_cam_pp', 'random', 'random_smooth'}
+    assert results['resnet18_setup']['val_images'] == 4 and 0 <= results['resnet18_imagenette_val_acc'] <= 1
+    assert set(results['resnet18']) == {'cam', 'grad_cam', 'grad_cam_pp', 'random', 'random_smooth', 'constant'}
     assert os.path.exists(os.path.join(run_dir, 'resnet18_faithfulness.png'))
     assert any(os.path.exists(os.path.join(run_dir, f'resnet18_{k}.png')) for k in ('correct', 'wrong'))
     assert not (tmp_path / 'assets').exists()                  # random-weight maps never reach assets/
-    assert 'random weights' in results['summary']
+    assert 'random weights' in results['summary'] and 'not held out' in results['summary']
+    assert results['resnet18_held_out'] is False and 'ImageNet training images' in results['resnet18_not_held_out']
 
 
 def test_zero_shot_accuracy_goes_through_the_imagenette_mapping(imagenette_dir, tmp_path, monkeypatch):
@@ -204,7 +208,7 @@ def test_zero_shot_accuracy_goes_through_the_imagenette_mapping(imagenette_dir, 
                                  '--assets', 'false', *TINY, '--per_class', '[0,0]', '--faithfulness_steps', '2',
                                  '--resnet_faithfulness_images', '2'])
     _, results = results_of(runs, 'map')
-    assert results['resnet18_zero_shot_acc'] == pytest.approx(0.1)    # 2 of the 20 images are label 1
+    assert results['resnet18_imagenette_val_acc'] == pytest.approx(0.1)    # 2 of the 20 images are label 1
     per_class = results['resnet18_per_class_acc']
     assert per_class['English springer'] == 1 and sum(per_class.values()) == 1
 
@@ -225,5 +229,5 @@ def test_offline_part2_is_skipped_and_part1_completes(tiny_checkpoint, tmp_path,
     assert 'imagenette2-160.tgz' in p.stdout and os.path.join(data_dir, 'imagenette2-160') in p.stdout
     _, results = results_of(runs, 'offline')
     assert results['resnet18'] is None and 'skipped' in results['resnet18_skipped']
-    assert set(results['cnn']) == {'cam', 'grad_cam', 'grad_cam_pp', 'random', 'random_smooth'}
+    assert set(results['cnn']) == {'cam', 'grad_cam', 'grad_cam_pp', 'random', 'random_smooth', 'constant'}
     assert 'part 1 (our CNN) done' in results['summary'] and 'part 2 skipped' in results['summary']

@@ -186,9 +186,12 @@ def test_wandb_history_has_every_metric_the_console_printed(runs):
     logged = {k: v for row in wandb_run(cam)['history'].values() for k, v in row.items()}
     acc = float(re.search(r'test acc ([\d.]+)%', out['exercise_2_3']).group(1))
     assert round(100 * logged['cnn/test_acc'], 2) == pytest.approx(acc)
-    assert numbers_printed_are_logged(out['exercise_2_3'], {
-        label: {k.split('/', 2)[2]: v for k, v in logged.items() if k.startswith(f'cnn/{name}/')}
-        for name, label in LABELS.items()}) == 4 * len(LABELS)
+    chosen, _, sensitivity = out['exercise_2_3'].partition('SENSITIVITY')  # the other substrate's table
+    for prefix, console in (('cnn', chosen), ('cnn_sensitivity', sensitivity)):
+        table_lines = '\n'.join(line for line in console.splitlines() if ' [' in line)  # value [ci]
+        assert numbers_printed_are_logged(table_lines, {
+            label: {k.split('/', 2)[2]: v for k, v in logged.items() if k.startswith(f'{prefix}/{name}/')}
+            for name, label in LABELS.items()}) == 3 * 4 * len(LABELS)  # each metric and its interval
 
 
 def numbers_printed_are_logged(console: str, values: dict[str, dict]) -> int:
