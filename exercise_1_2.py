@@ -6,13 +6,17 @@ of every layer on one training batch. Three parts, chosen with --part:
 
   single  one (model, depth, width) run with the full training budget; the defaults train a
           SkipMLP that matches exercise 1.1's MLP. A W&B sweep agent runs exactly this.
-  study   plain vs residual at each of `depths`, same width, optimiser, epochs and seed:
-          runs/exercise_1_2/study.csv, study_acc.png, study_loss.png. Re-running skips
-          finished cells and resumes an interrupted one.
-  grads   per-layer gradient norms at initialisation and after training, for every study
-          cell: runs/exercise_1_2/grad_norms.png and a printed summary.
+  study   plain vs residual at each of `depths`, same width, optimiser, epochs, seed and a
+          fair setup for both: He init (study_init) and no dropout (study_dropout); the old
+          setup (PyTorch's default init, dropout 0.2) is `--study_init torch --study_dropout 0.2`.
+          runs/exercise_1_2/study.csv (with a clean training loss: eval mode, training split),
+          study_acc.png, study_loss.png. Re-running skips finished cells and resumes an
+          interrupted one.
+  grads   per-layer ||dL/dW|| * ||W|| (raw norms in the summary) at initialisation and after
+          training, for every study cell: runs/exercise_1_2/grad_norms.png. Exercise 2.1
+          (exercise_2_1.py) analyses the same cells four ways.
 
-Measured results, and the data and hardware behind them, are in README.md.
+Measured results, and the data and hardware behind them, are in README.md and docs/exercise_2_1.md.
 
     python exercise_1_2.py                                   # all three parts on MNIST
     python exercise_1_2.py --part single --model plain --depth 16

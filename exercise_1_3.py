@@ -18,8 +18,10 @@ Three parts, chosen with --part (default: single):
   study   plain vs residual at each of `depths`, same widths, optimiser, epochs and seed:
           runs/exercise_1_3/study.csv, study_acc.png, study_loss.png; re-running skips
           finished cells and resumes an interrupted one (study.run_study, shared with 1.2).
-  grads   per-layer gradient norms on one training batch, at initialisation and after
-          training, for every study cell: runs/exercise_1_3/grad_norms.png.
+          The study cells start from He init (study_init; `--study_init torch` for PyTorch's default).
+  grads   per-layer ||dL/dW|| * ||W|| on one training batch, at initialisation and after
+          training, for every study cell: runs/exercise_1_3/grad_norms.png (exercise_2_1.py
+          --study cnn analyses the same cells four ways).
 
 The best-on-val checkpoint of a single run, which exercise 2.3 (CAM) explains, is
     <runs_dir>/exercise_1_3/<run_name>/checkpoints/best.pt

@@ -67,6 +67,57 @@ def test_shapes_and_parameter_counts(depth, norm):
 
 
 # ---------------------------------------------------------------------------------------------
+# Init: the study's fair default
+
+def hidden_outputs(model: MLP, x: torch.Tensor) -> list[torch.Tensor]:
+    outs, h = [], x
+    for m in model.features:
+        h = m(h)
+        if isinstance(m, nn.ReLU):
+            outs.append(h)
+    return outs
+
+
+def test_he_init_keeps_a_deep_plain_nets_signal_and_torch_default_loses_it():
+    # He: E[h^2] stays put layer to layer; PyTorch's default divides it by about 6 per layer, so at
+    # depth 32 the last hidden layer no longer depends on the input (only the biases are left)
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 16, 16)
+    he = hidden_outputs(MLP(256, [256] * 32, 10, init='he'), x)
+    ratio = (he[-1] ** 2).mean() / (he[0] ** 2).mean()
+    assert 0.1 < ratio < 10
+    torch.manual_seed(0)
+    default = hidden_outputs(MLP(256, [256] * 32, 10), x)[-1]
+    assert default.std(0).mean() < 1e-6 * default.abs().mean()  # across-input spread ~ 0
+    assert he[-1].std(0).mean() > 0.1 * he[-1].abs().mean()
+
+
+def test_he_init_scales_residual_branches_and_zeroes_biases():
+    torch.manual_seed(0)
+    model = SkipMLP(64, [128] * 8, 10, block_size=2, init='he')
+    blocks = len(model.blocks)  # 4
+    for block in model.blocks:
+        first, last = block.branch[1], block.branch[-1]
+        assert first.weight.std().item() == pytest.approx(math.sqrt(2 / 128), rel=0.05)
+        assert last.weight.std().item() == pytest.approx(math.sqrt(2 / 128 / blocks), rel=0.05)
+        assert first.bias.abs().sum() == 0 == last.bias.abs().sum()
+    with pytest.raises(ValueError):
+        MLP(4, [4], 2, init='xavier')
+
+
+def test_study_defaults_are_fair_and_the_old_setting_is_a_separate_cell():
+    from study import cell_id
+    data = type('D', (), {'shape': (1, 4, 4), 'num_classes': 3})()  # what build_model reads
+    study = exercise_1_2.study_config(exercise_1_2.config)
+    assert study['init'] == 'he' and study['dropout'] == 0.0
+    for model in ('plain', 'residual'):
+        net = exercise_1_2.build_model({**study, 'model': model, 'depth': 4, 'width': 8}, data)
+        assert net.args['init'] == 'he' and not any(isinstance(m, nn.Dropout) for m in net.modules())
+    old = exercise_1_2.study_config({**exercise_1_2.config, 'study_init': 'torch', 'study_dropout': 0.2})
+    assert (old['init'], old['dropout']) == ('torch', 0.2) and cell_id(old) != cell_id(study)
+
+
+# ---------------------------------------------------------------------------------------------
 # Gradient norms, against a hand computation
 
 def test_grad_norms_by_hand():
