@@ -129,7 +129,8 @@ def landscape(model: nn.Module, split: Split, directions: int, points: int, grid
               generator: torch.Generator, radius: float = 1.0) -> dict:
     """1-D slices along `directions` random filter-normalised directions (`points` steps in
     [-radius, radius]) and one 2-D slice (grid x grid) along two more. 'rise': the mean loss
-    increase over both signs and all 1-D directions at each step size; the model is restored."""
+    increase over both signs and all 1-D directions at each step size (keys '0_5' for 0.5: no dots,
+    so a record's key path stays dot-separated); the model is restored."""
     base = [p.detach().clone() for p in model.parameters()]
     alphas = torch.linspace(-radius, radius, points).tolist()
     try:
@@ -143,8 +144,8 @@ def landscape(model: nn.Module, split: Split, directions: int, points: int, grid
         surface = [[loss_at(model, base, [d1, d2], [a, b], split) for a in axis] for b in axis]  # rows: d2
     finally:
         _restore(model, base)
-    rise = {f'{a:g}': sum(c[i] + c[-1 - i] for c in curves) / (2 * len(curves)) - loss0  # -1 - i: step -a
-            for i, a in enumerate(alphas) if a > 0}
+    rise = {f'{a:g}'.replace('.', '_'): sum(c[i] + c[-1 - i] for c in curves) / (2 * len(curves)) - loss0
+            for i, a in enumerate(alphas) if a > 0}  # c[-1 - i]: the step -a; key '0_5' = step 0.5
     return {'loss0': loss0, 'alphas': alphas, 'curves': curves, 'rise': rise, 'axis': axis, 'surface': surface,
             'samples': len(split)}
 

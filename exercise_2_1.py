@@ -152,7 +152,7 @@ def main(config: dict, overrides: dict) -> None:
         for m in MODELS:
             for d, r in results['landscape'][m].items():
                 print(f"landscape {m:>8} depth {d:>3}: loss {r['loss0']:.4f}, mean rise at step 0.5 "
-                      f"{r['rise'].get('0.5', float('nan')):.4f}, at 1 {r['rise']['1']:.4f}")
+                      f"{r['rise'].get('0_5', float('nan')):.4f}, at 1 {r['rise']['1']:.4f}")
         save_figure(plot_landscape_1d(results['landscape'], title), os.path.join(out, 'landscape_1d.png'))
         save_figure(plot_landscape_2d(results['landscape'], title), os.path.join(out, 'landscape_contour.png'))
         save_figure(plot_landscape_2d(results['landscape'], title, surface=True),
@@ -255,8 +255,10 @@ def plot_landscape_1d(land: dict, title: str):
 
 
 def plot_landscape_2d(land: dict, title: str, surface: bool = False):
-    """The 2-D slice of each (model, depth): contour lines of the loss, or a 3-D surface of log loss."""
+    """The 2-D slice of each (model, depth): contour lines of the loss (log-spaced, from the lowest loss
+    to 10^4 x it), or a 3-D surface of log10 loss."""
     import numpy as np
+    from matplotlib.colors import LogNorm
     plt = pyplot()
     depths = sorted({int(d) for by_depth in land.values() for d in by_depth})
     fig = plt.figure(figsize=(4.2 * len(depths), 7.6))
@@ -272,8 +274,9 @@ def plot_landscape_2d(land: dict, title: str, surface: bool = False):
                 ax.set_zlabel('log10 loss')
             else:
                 ax = fig.add_subplot(2, len(depths), i * len(depths) + j + 1)
-                levels = np.geomspace(max(Z.min(), 1e-3), Z.max(), 12)
-                cs = ax.contour(X, Y, Z, levels=levels, cmap='viridis')
+                low = max(Z.min(), 1e-3)  # levels up to 10^4 x the lowest loss: plain nets reach 10^20
+                levels = np.geomspace(low, max(min(Z.max(), 1e4 * low), 1.01 * low), 13)
+                cs = ax.contour(X, Y, Z, levels=levels, cmap='viridis', norm=LogNorm())
                 ax.clabel(cs, fontsize=6, fmt='%.2g')
                 ax.plot(0, 0, 'k+')
                 ax.set_aspect('equal')
