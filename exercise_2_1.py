@@ -107,6 +107,9 @@ def main(config: dict, overrides: dict) -> None:
     module = STUDIES[config['study']]
     study, depths = study_settings(config)
     parts = PARTS if config['part'] == 'all' else (config['part'],)
+    ldepths = config['landscape_depths'] or sorted({depths[len(depths) // 2], depths[-1]})
+    if not set(ldepths) <= set(depths):
+        raise UserError(f"--landscape_depths {ldepths} must be among --depths {depths}")
     device = pick_device(config['device'])
 
     rows = run_study(module.EXERCISE, study, module.build_model, depths=depths)  # reuse or train
@@ -145,7 +148,6 @@ def main(config: dict, overrides: dict) -> None:
 
     if 'landscape' in parts:
         train = head(data.train, config['landscape_samples'])
-        ldepths = config['landscape_depths'] or sorted({depths[len(depths) // 2], depths[-1]})
         results['landscape'] = {m: {str(d): landscape(trained[m, d], train, config['landscape_dirs'],
                                                       config['landscape_points'], config['landscape_grid'], generator)
                                     for d in ldepths} for m in MODELS}
