@@ -297,8 +297,8 @@ def plot_loss_curves(rows: list[dict], title: str = ''):
 
 
 def plot_grad_norms(records: list[dict], title: str = ''):
-    """||dL/dW|| * ||W|| (grad_norms' scale_free) by layer index (log scale): rows = stage (init, trained), columns = model,
-    one line per depth."""
+    """||dL/dW|| * ||W|| (grad_norms' scale_free) by layer index (log scale): rows = stage (init,
+    trained), columns = model, one line per depth."""
     plt = pyplot()
     stages = list(dict.fromkeys(r['stage'] for r in records))
     models = list(dict.fromkeys(r['model'] for r in records))
