@@ -120,10 +120,10 @@ def main(config: dict, overrides: dict) -> None:
     if os.path.exists(path):  # the parts of earlier runs on the same cells stay
         with open(path) as f:
             results = json.load(f)
-    results.update({'study': config['study'], 'exercise': module.EXERCISE, 'depths': depths,
-                    'cells': {f"{r['model']}-d{r['depth']}": {k: r[k] for k in ('cell', 'test_acc', 'clean_train_loss',
-                                                                              'clean_train_acc', 'params')}
-                              for r in rows},
+    cells = {f"{r['model']}-d{r['depth']}": {k: r[k] for k in ('cell', 'test_acc', 'clean_train_loss', 'clean_train_acc',
+                                                                 'params')} for r in rows}
+    results.update({'study': config['study'], 'exercise': module.EXERCISE,
+                    'cells': {**results.get('cells', {}), **cells},  # every cell any part has analysed
                     'study_config': {k: v for k, v in study.items() if k not in ('runs_dir', 'data_dir')}})
     data = load_data(study, device)
     generator = torch.Generator().manual_seed(config['seed'])
