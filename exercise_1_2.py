@@ -6,13 +6,17 @@ of every layer on one training batch. Three parts, chosen with --part:
 
   single  one (model, depth, width) run with the full training budget; the defaults train a
           SkipMLP that matches exercise 1.1's MLP. A W&B sweep agent runs exactly this.
-  study   plain vs residual at each of `depths`, same width, optimiser, epochs and seed:
-          runs/exercise_1_2/study.csv, study_acc.png, study_loss.png. Re-running skips
-          finished cells and resumes an interrupted one.
-  grads   per-layer gradient norms at initialisation and after training, for every study
-          cell: runs/exercise_1_2/grad_norms.png and a printed summary.
+  study   plain vs residual at each of `depths`, same width, optimiser, epochs, seed and a
+          fair setup for both: He init (study_init) and no dropout (study_dropout); the old
+          setup (PyTorch's default init, dropout 0.2) is `--study_init torch --study_dropout 0.2`.
+          runs/exercise_1_2/study.csv (with a clean training loss: eval mode, training split),
+          study_acc.png, study_loss.png. Re-running skips finished cells and resumes an
+          interrupted one.
+  grads   per-layer ||dL/dW|| * ||W|| (raw norms in the summary) at initialisation and after
+          training, for every study cell: runs/exercise_1_2/grad_norms.png. Exercise 2.1
+          (exercise_2_1.py) analyses the same cells four ways.
 
-Measured results, and the data and hardware behind them, are in README.md.
+Measured results, and the data and hardware behind them, are in README.md and docs/exercise_2_1.md.
 
     python exercise_1_2.py                                   # all three parts on MNIST
     python exercise_1_2.py --part single --model plain --depth 16
@@ -23,11 +27,11 @@ Measured results, and the data and hardware behind them, are in README.md.
 
 from config import COMMON, UserError, cli, plural
 from dataset import Data
-from models import MLP, SkipMLP
+from models import INITS, MLP, SkipMLP
 from study import run_parts, train_run
 
 EXERCISE = 'exercise_1_2'
-STUDY_KEYS = ('part', 'depths', 'study_width', 'study_epochs')  # a resumed single run may change these
+STUDY_KEYS = ('part', 'depths', 'study_width', 'study_epochs', 'study_init', 'study_dropout')  # a resumed single run may change these
 
 config = {
     **COMMON,
@@ -48,11 +52,20 @@ config = {
     'block_size': 2,                # Linear layers per residual block
     'norm': False,                  # LayerNorm in residual blocks; off, so the skip is the only difference
     'dropout': 0.2,                 # plain: after every hidden ReLU; residual: after every ReLU (before each block Linear and the classifier)
+    'init': 'torch',                # torch (PyTorch's default) | he (models.he_init; residual branches' last layer scaled down)
     # depth study and gradient analysis
     'depths': [2, 4, 8, 16, 32, 64],  # hidden layers of each study cell, for both models
     'study_width': 256,             # hidden width of every study cell
     'study_epochs': 3,              # epochs per study cell: the same small budget for both models
+    'study_init': 'he',             # init of every study cell: the same principled init for both models
+    'study_dropout': 0.0,           # dropout of every study cell: 3 epochs are not about regularisation, and dropout on a plain net's main path compounds with depth
 }
+
+
+def study_config(config: dict) -> dict:
+    """The settings every study cell shares (all but model and depth); exercise 2.1 reuses them."""
+    return {**config, 'width': config['study_width'], 'epochs': config['study_epochs'],
+            'init': config['study_init'], 'dropout': config['study_dropout'], 'resume': ''}
 
 
 def build_model(config: dict, data: Data):
@@ -60,10 +73,10 @@ def build_model(config: dict, data: Data):
     c, h, w = data.shape
     hidden = [config['width']] * config['depth']
     if config['model'] == 'plain':
-        return MLP(c * h * w, hidden, data.num_classes, dropout=config['dropout'])
+        return MLP(c * h * w, hidden, data.num_classes, dropout=config['dropout'], init=config['init'])
     if config['model'] == 'residual':
         return SkipMLP(c * h * w, hidden, data.num_classes, block_size=config['block_size'],
-                       dropout=config['dropout'], norm=config['norm'])
+                       dropout=config['dropout'], norm=config['norm'], init=config['init'])
     raise UserError(f"unknown model {config['model']!r}; choose plain or residual")
 
 
@@ -75,10 +88,12 @@ def main(config: dict, overrides: dict) -> None:
                   may_change=STUDY_KEYS)
 
     # the study and the gradient analysis: every cell shares everything but model and depth
-    study = {**config, 'width': config['study_width'], 'epochs': config['study_epochs'], 'resume': ''}
+    study = study_config(config)
+    subset = f" (subset {config['subset']})" if config['subset'] else ''
     run_parts(EXERCISE, config, study, build_model,
-              title=f"{config['dataset']}, width {study['width']}, {plural(study['epochs'], 'epoch')}")
+              title=f"{config['dataset']}{subset}, width {study['width']}, {plural(study['epochs'], 'epoch')}, "
+                    f"init {study['init']}, dropout {study['dropout']}")
 
 if __name__ == '__main__':
     cli(main, config, choices={'dataset': ('mnist', 'fashion_mnist', 'digits'), 'part': ('single', 'study', 'grads', 'all'),
-                               'model': ('plain', 'residual')})
+                               'model': ('plain', 'residual'), 'init': INITS, 'study_init': INITS})

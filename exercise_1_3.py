@@ -18,8 +18,10 @@ Three parts, chosen with --part (default: single):
   study   plain vs residual at each of `depths`, same widths, optimiser, epochs and seed:
           runs/exercise_1_3/study.csv, study_acc.png, study_loss.png; re-running skips
           finished cells and resumes an interrupted one (study.run_study, shared with 1.2).
-  grads   per-layer gradient norms on one training batch, at initialisation and after
-          training, for every study cell: runs/exercise_1_3/grad_norms.png.
+          The study cells start from He init (study_init; `--study_init torch` for PyTorch's default).
+  grads   per-layer ||dL/dW|| * ||W|| on one training batch, at initialisation and after
+          training, for every study cell: runs/exercise_1_3/grad_norms.png (exercise_2_1.py
+          --study cnn analyses the same cells four ways).
 
 The best-on-val checkpoint of a single run, which exercise 2.3 (CAM) explains, is
     <runs_dir>/exercise_1_3/<run_name>/checkpoints/best.pt
@@ -37,11 +39,11 @@ model.classifier the linear head.
 
 from config import COMMON, UserError, cli, plural
 from dataset import Data
-from models import CNN
+from models import CNN, INITS
 from study import run_parts, train_run
 
 EXERCISE = 'exercise_1_3'
-STUDY_KEYS = ('part', 'depths', 'study_widths', 'study_epochs')  # a resumed single run may change these
+STUDY_KEYS = ('part', 'depths', 'study_widths', 'study_epochs', 'study_init')  # a resumed single run may change these
 
 config = {
     **COMMON,
@@ -56,6 +58,7 @@ config = {
     'stride': 1,                    # of each stage's first conv; MaxPool does the downsampling
     'padding': 1,                   # of each stage's first conv; 'same' for 3x3
     'dropout': 0.0,                 # after each stage's first ReLU; augmentation regularises enough
+    'init': 'torch',                # torch (PyTorch's default) | he (models.he_init; residual blocks' last BN weight 1/sqrt(depth))
     # optimisation: the ResNet-9 (DAWNBench) recipe, shortened with label smoothing
     'epochs': 20,                   # a short one-cycle run, as ResNet-9 recipes use; aim >= 94% (unmeasured)
     'batch_size': 512,              # large enough to keep a GPU busy, small enough for 88 steps/epoch
@@ -70,7 +73,14 @@ config = {
     'depths': [1, 2, 4, 8],         # blocks per stage of each study cell: 9, 15, 27, 51 conv layers
     'study_widths': [64, 128, 256], # widths of every study cell: cheaper than the default run
     'study_epochs': 10,             # epochs per study cell: the same budget for both models
+    'study_init': 'he',             # init of every study cell: the same principled init for both models
 }
+
+
+def study_config(config: dict) -> dict:
+    """The settings every study cell shares (all but model and depth); exercise 2.1 reuses them."""
+    return {**config, 'widths': config['study_widths'], 'epochs': config['study_epochs'],
+            'init': config['study_init'], 'resume': ''}
 
 
 def build_model(config: dict, data: Data) -> CNN:
@@ -79,7 +89,7 @@ def build_model(config: dict, data: Data) -> CNN:
         raise UserError(f"unknown model {config['model']!r}; choose plain or residual")
     return CNN(data.shape[0], data.num_classes, config['widths'], depth=config['depth'], variant=config['model'],
                kernel_size=config['kernel_size'], stride=config['stride'], padding=config['padding'],
-               dropout=config['dropout'])
+               dropout=config['dropout'], init=config['init'])
 
 
 def main(config: dict, overrides: dict) -> None:
@@ -90,11 +100,13 @@ def main(config: dict, overrides: dict) -> None:
                   may_change=STUDY_KEYS)
 
     # the study and the gradient analysis: every cell shares everything but model and depth
-    study = {**config, 'widths': config['study_widths'], 'epochs': config['study_epochs'], 'resume': ''}
+    study = study_config(config)
     subset = f" (subset {config['subset']})" if config['subset'] else ''
     run_parts(EXERCISE, config, study, build_model, xlabel='blocks per stage',
-              title=f"{config['dataset']}{subset}, widths {study['widths']}, {plural(study['epochs'], 'epoch')}")
+              title=f"{config['dataset']}{subset}, widths {study['widths']}, {plural(study['epochs'], 'epoch')}, "
+                    f"init {study['init']}")
 
 if __name__ == '__main__':
     cli(main, config, choices={'dataset': ('cifar10', 'fashion_mnist', 'mnist', 'digits'),
-                               'part': ('single', 'study', 'grads', 'all'), 'model': ('plain', 'residual')})
+                               'part': ('single', 'study', 'grads', 'all'), 'model': ('plain', 'residual'),
+                               'init': INITS, 'study_init': INITS})

@@ -2,7 +2,31 @@
 holding `model_class` and `model_args` rebuilds the model alone (see evaluate.load_model)."""
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
+
+INITS = ('torch', 'he')  # the `init` argument of every model below
+
+
+def he_init(module: nn.Module) -> None:
+    """He (Kaiming) normal init, std sqrt(2 / fan_in), for every Linear and Conv2d below `module`,
+    zero biases; BatchNorm / LayerNorm at weight 1, bias 0. He keeps the second moment of a
+    ReLU net's activations constant with depth (He et al. 2015); PyTorch's default (kaiming
+    uniform with a = sqrt(5), i.e. std 1/sqrt(3 fan_in)) shrinks it by 6x per layer."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def check_init(init: str) -> None:
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
 
 
 class MLP(nn.Module):
@@ -12,10 +36,12 @@ class MLP(nn.Module):
     compares like with like.
     """
 
-    def __init__(self, in_features: int, hidden: list[int], num_classes: int, dropout: float = 0.0):
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int, dropout: float = 0.0,
+                 init: str = 'torch'):
         super().__init__()
+        check_init(init)
         self.args = dict(in_features=in_features, hidden=list(hidden), num_classes=num_classes,
-                         dropout=dropout)
+                         dropout=dropout, init=init)
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:
@@ -25,6 +51,8 @@ class MLP(nn.Module):
             width = h
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width, num_classes)
+        if init == 'he':
+            he_init(self)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) or (B, F) -> (B, num_classes)
         return self.classifier(self.features(x))
@@ -60,13 +88,21 @@ class SkipMLP(nn.Module):
     block (the last block takes what is left), so depth = len(hidden) as in MLP. The input
     layer (in_features -> hidden[0]) comes on top: SkipMLP(hidden=[w] * d) has d + 2 Linear
     layers, MLP(hidden=[w] * d) has d + 1 (one w x w layer fewer).
+
+    init='he': He init everywhere (he_init), and the last Linear of every branch scaled down by
+    1/sqrt(number of blocks). A He-initialised branch adds about as much variance as its input
+    has, so unscaled the residual stream would double its variance per block (2^32 at 64
+    layers); scaled, it grows by at most (1 + 1/n)^n < e over the whole net, and every block
+    starts close to the identity while its branch still gets gradients (a zero last layer
+    would block them to the branch's earlier layers at the first step).
     """
 
     def __init__(self, in_features: int, hidden: list[int], num_classes: int, block_size: int = 2,
-                 dropout: float = 0.0, norm: bool = False):
+                 dropout: float = 0.0, norm: bool = False, init: str = 'torch'):
         super().__init__()
+        check_init(init)
         self.args = dict(in_features=in_features, hidden=list(hidden), num_classes=num_classes,
-                         block_size=block_size, dropout=dropout, norm=norm)
+                         block_size=block_size, dropout=dropout, norm=norm, init=init)
         self.input = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden[0]))
         blocks, width = [], hidden[0]
         for i in range(0, len(hidden), block_size):
@@ -76,6 +112,10 @@ class SkipMLP(nn.Module):
         head: list[nn.Module] = [nn.LayerNorm(width)] if norm else []
         self.head = nn.Sequential(*head, nn.ReLU(), *([nn.Dropout(dropout)] if dropout else []))
         self.classifier = nn.Linear(width, num_classes)
+        if init == 'he':
+            he_init(self)
+            for block in self.blocks:  # small last layer per branch: see the class docstring
+                block.branch[-1].weight.data /= math.sqrt(len(self.blocks))
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) or (B, F) -> (B, num_classes)
         return self.classifier(self.head(self.blocks(self.input(x))))
@@ -92,6 +132,9 @@ class CNN(nn.Module):
     Shapes never change inside a block (the stage conv already did), so BasicBlock needs no
     downsample and both variants have exactly the same parameters: only the shortcut differs.
     depth=0 is the reference network itself; conv layers = len(widths) * (1 + 2 * depth).
+    init='he': He init for every conv and Linear (he_init); in residual blocks the last
+    BatchNorm's weight starts at 1/sqrt(depth), the scaling SkipMLP gives its branches'
+    last layer (BatchNorm makes the conv's own scale irrelevant). 'torch': PyTorch's default.
 
     Head: global average pooling, then one Linear. For CAM (exercise 2.3):
       model.features    nn.Sequential of all stages; its output is the final maps A, (B, K, h, w)
@@ -100,13 +143,14 @@ class CNN(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, widths: list[int], depth: int = 1,
                  variant: str = 'residual', kernel_size: int = 3, stride: int = 1, padding: int = 1,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, init: str = 'torch'):
         super().__init__()
         if variant not in ('plain', 'residual'):
             raise ValueError(f"variant must be 'plain' or 'residual', got {variant!r}")
+        check_init(init)
         self.args = dict(in_channels=in_channels, num_classes=num_classes, widths=list(widths), depth=depth,
                          variant=variant, kernel_size=kernel_size, stride=stride, padding=padding,
-                         dropout=dropout)
+                         dropout=dropout, init=init)
         from torchvision.models.resnet import BasicBlock  # lazy: torchvision is slow to import
 
         def conv_bn_relu(c_in: int, c_out: int, k: int = 3, s: int = 1, p: int = 1) -> list[nn.Module]:
@@ -127,6 +171,11 @@ class CNN(nn.Module):
         self.features = nn.Sequential(*stages)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.classifier = nn.Linear(c, num_classes)
+        if init == 'he':
+            he_init(self)
+            for block in self.modules():  # as SkipMLP: each stage's branches add < e x its variance
+                if isinstance(block, BasicBlock):
+                    block.bn2.weight.data.fill_(1 / math.sqrt(depth))
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
         a = self.features(x)  # (B, K, h, w): the maps CAM weighs with classifier.weight

@@ -21,9 +21,11 @@ a table or a plot never mixes cells trained with different settings.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 from typing import Callable, Sequence
 
@@ -33,14 +35,14 @@ from torch import Tensor, nn
 
 from config import HOW_IT_RUNS, UserError
 from dataset import Data, load_data
-from evaluate import integer_ticks, load_model, plain_log_labels, pyplot, report
+from evaluate import evaluate, integer_ticks, load_model, plain_log_labels, pyplot, report
 from record import (Run, atomic_write, barrier, init_distributed, is_main, load_checkpoint, log_tables,
                     pick_device, save_figure)
 from training import train
 
 BuildModel = Callable[[dict, Data], nn.Module]  # (config with 'model' and 'depth', data) -> model
 CSV_COLUMNS = ['model', 'depth', 'width', 'params', 'best_val_acc', 'test_acc', 'final_train_loss',
-               'train_seconds', 'cell']
+               'clean_train_loss', 'clean_train_acc', 'train_seconds', 'cell']
 # Keys that do not change what a cell computes: where and how it runs and logs (config.HOW_IT_RUNS),
 # and the study's own choice of parts and depths. Every other key is part of the cell's identity.
 NOT_IDENTITY = HOW_IT_RUNS | {'part', 'depths'}
@@ -112,13 +114,24 @@ def run_study(exercise: str, config: dict, build_model: BuildModel,
     continues with its checkpoint's config. Returns one row per cell: the CSV_COLUMNS plus
     'history' (the per-epoch rows of train()).
     """
-    rows = []
+    rows, data = [], None
     for depth in depths:
         for model in models:
             cell = cell_config(config, model, depth)
             run_dir, _ = cached_run(exercise, cell, os.path.basename(cell_dir(exercise, cell)), build_model)
-            rows.append(study_row(run_dir, cell))
+            data = data or load_data(config, pick_device(config['device']))
+            rows.append({**study_row(run_dir, cell), **clean_train(run_dir, data)})
     return rows
+
+
+def clean_train(run_dir: str, data: Data) -> dict:
+    """Loss and accuracy of the cell's best.pt on the whole training split, in eval mode, with plain
+    cross-entropy and no augmentation: whether the net fitted its training data ("can it be
+    optimised?"), which final_train_loss (a running mean over the last epoch, with dropout and
+    label smoothing on) does not say cleanly."""
+    model, _ = load_model(os.path.join(run_dir, 'checkpoints', 'best.pt'))
+    train = evaluate(model.to(data.train.y.device), dataclasses.replace(data.train, augment=None))
+    return {'clean_train_loss': train['loss'], 'clean_train_acc': train['acc']}
 
 
 def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel, title: str,
@@ -151,7 +164,7 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
         if not is_main():
             return
         print_grad_summary(records)
-        save_figure(plot_grad_norms(records, title=f'gradient norm per layer, one batch ({title})'),
+        save_figure(plot_grad_norms(records, title=f'||dL/dW|| * ||W|| per layer, one batch ({title})'),
                     os.path.join(out_dir, 'grad_norms.png'))
         print(f"wrote {out_dir}/grad_norms.png")
 
@@ -184,25 +197,38 @@ def write_csv(rows: list[dict], path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Gradients
 
-def grad_norms(model: nn.Module, x: Tensor, y: Tensor) -> list[tuple[str, float]]:
-    """L2 norm of d cross_entropy(model(x), y) / d weight for every Linear and Conv2d, in module order.
-
-    Uses the model's current mode (train/eval) and leaves every .grad untouched.
+def grad_norms(model: nn.Module, x: Tensor, y: Tensor, label_smoothing: float = 0.0) -> list[dict]:
+    """Per Linear and Conv2d, in module order, L = cross_entropy(model(x), y, label_smoothing):
+      'grad'        ||dL/dW||, the raw norm
+      'weight'      ||W||
+      'ratio'       ||dL/dW|| / ||W||: an SGD step's size relative to the weight, per unit lr
+      'scale_free'  ||dL/dW|| * ||W||: the loss's sensitivity to a *relative* change of W.
+    Where a normalisation follows W the loss ignores W's scale: scaling W by c divides the raw
+    norm by c and the ratio by c^2 (the effective learning rate falls), while scale_free stays
+    put. So scale_free is the one that compares layers (of any shape, with or without BatchNorm)
+    fairly. Uses the model's current mode (train/eval) and leaves every .grad untouched.
     """
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    loss = F.cross_entropy(model(x), y)
+    loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
     grads = torch.autograd.grad(loss, [m.weight for _, m in layers])
-    return [(name, g.norm().item()) for (name, _), g in zip(layers, grads)]
+    rows = []
+    for (name, m), g in zip(layers, grads):
+        grad, weight = g.norm().item(), m.weight.detach().norm().item()
+        rows.append({'layer': name, 'grad': grad, 'weight': weight,
+                     'ratio': grad / weight if weight else math.inf, 'scale_free': grad * weight})
+    return rows
 
 
 def gradient_study(exercise: str, config: dict, build_model: BuildModel,
                    models: Sequence[str] = ('plain', 'residual'),
                    depths: Sequence[int] = (2, 4, 8, 16, 32, 64)) -> list[dict]:
-    """Per-layer gradient norms on one fixed training batch, at initialisation and after training.
+    """Per-layer gradient norms on one fixed training batch, at initialisation and after training,
+    with the loss the cells were trained with (label smoothing included), in train mode.
 
     The batch is the first config['batch_size'] training samples, unaugmented. 'init' rebuilds
     the model with the run's seed (the run's own initial weights); 'trained' loads the cell's
-    best.pt. Returns records {'model', 'depth', 'stage': 'init' | 'trained', 'norms'}.
+    best.pt. Returns records {'model', 'depth', 'stage': 'init' | 'trained', 'norms'}, norms as
+    grad_norms returns them.
     """
     device = pick_device(config['device'])
     data = load_data(config, device)
@@ -219,17 +245,20 @@ def gradient_study(exercise: str, config: dict, build_model: BuildModel,
             initial = build_model(ckpt['config'], data)
             for stage, model in (('init', initial), ('trained', trained)):
                 torch.manual_seed(0)  # same dropout masks, if any, for every model
-                norms = grad_norms(model.to(device).train(), x, y)
+                norms = grad_norms(model.to(device).train(), x, y, ckpt['config']['label_smoothing'])
                 records.append({'model': model_name, 'depth': depth, 'stage': stage, 'norms': norms})
     return records
 
 
 def print_grad_summary(records: list[dict]) -> None:
-    print(f"{'model':>9} {'depth':>5} {'stage':>7} {'first layer':>12} {'last layer':>12} {'first/last':>11}")
+    """First and last layer's ||dL/dW|| * ||W|| (raw ||dL/dW|| in brackets), and their quotient."""
+    print(f"{'model':>9} {'depth':>5} {'stage':>7} {'first: |g||W| (|g|)':>24} {'last: |g||W| (|g|)':>24} "
+          f"{'first/last':>10}")
     for r in records:
-        first, last = r['norms'][0][1], r['norms'][-1][1]
-        print(f"{r['model']:>9} {r['depth']:5d} {r['stage']:>7} {first:12.3e} {last:12.3e} "
-              f"{first / max(last, 1e-30):11.3e}")
+        first, last = r['norms'][0], r['norms'][-1]
+        print(f"{r['model']:>9} {r['depth']:5d} {r['stage']:>7} {first['scale_free']:10.3e} ({first['grad']:9.3e}) "
+              f"{last['scale_free']:10.3e} ({last['grad']:9.3e}) "
+              f"{first['scale_free'] / max(last['scale_free'], 1e-30):10.3e}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,8 +305,8 @@ def plot_loss_curves(rows: list[dict], title: str = ''):
 
 
 def plot_grad_norms(records: list[dict], title: str = ''):
-    """Gradient norm by layer index (log scale): rows = stage (init, trained), columns = model,
-    one line per depth."""
+    """||dL/dW|| * ||W|| (grad_norms' scale_free) by layer index (log scale): rows = stage (init,
+    trained), columns = model, one line per depth."""
     plt = pyplot()
     stages = list(dict.fromkeys(r['stage'] for r in records))
     models = list(dict.fromkeys(r['model'] for r in records))
@@ -287,7 +316,7 @@ def plot_grad_norms(records: list[dict], title: str = ''):
                              sharey=True, squeeze=False)
     for r in records:
         ax = axes[stages.index(r['stage'])][models.index(r['model'])]
-        values = [max(v, 1e-30) for _, v in r['norms']]  # log axis: show exact zeros at the floor
+        values = [max(n['scale_free'], 1e-30) for n in r['norms']]  # log axis: show exact zeros at the floor
         ax.plot(range(len(values)), values, color=colors[depths.index(r['depth'])], label=f"depth {r['depth']}")
     for i, stage in enumerate(stages):
         for j, model in enumerate(models):
@@ -296,7 +325,7 @@ def plot_grad_norms(records: list[dict], title: str = ''):
             ax.set_title(f'{model}, {stage}')
             ax.set_xlabel('layer index (input -> classifier)')
             ax.grid(alpha=0.3)
-        axes[i][0].set_ylabel('||dL/dW||')
+        axes[i][0].set_ylabel('||dL/dW|| * ||W||')
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +67,57 @@ def test_shapes_and_parameter_counts(depth, norm):
 
 
 # ---------------------------------------------------------------------------------------------
+# Init: the study's fair default
+
+def hidden_outputs(model: MLP, x: torch.Tensor) -> list[torch.Tensor]:
+    outs, h = [], x
+    for m in model.features:
+        h = m(h)
+        if isinstance(m, nn.ReLU):
+            outs.append(h)
+    return outs
+
+
+def test_he_init_keeps_a_deep_plain_nets_signal_and_torch_default_loses_it():
+    # He: E[h^2] stays put layer to layer; PyTorch's default divides it by about 6 per layer, so at
+    # depth 32 the last hidden layer no longer depends on the input (only the biases are left)
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 16, 16)
+    he = hidden_outputs(MLP(256, [256] * 32, 10, init='he'), x)
+    ratio = (he[-1] ** 2).mean() / (he[0] ** 2).mean()
+    assert 0.1 < ratio < 10
+    torch.manual_seed(0)
+    default = hidden_outputs(MLP(256, [256] * 32, 10), x)[-1]
+    assert default.std(0).mean() < 1e-6 * default.abs().mean()  # across-input spread ~ 0
+    assert he[-1].std(0).mean() > 0.1 * he[-1].abs().mean()
+
+
+def test_he_init_scales_residual_branches_and_zeroes_biases():
+    torch.manual_seed(0)
+    model = SkipMLP(64, [128] * 8, 10, block_size=2, init='he')
+    blocks = len(model.blocks)  # 4
+    for block in model.blocks:
+        first, last = block.branch[1], block.branch[-1]
+        assert first.weight.std().item() == pytest.approx(math.sqrt(2 / 128), rel=0.05)
+        assert last.weight.std().item() == pytest.approx(math.sqrt(2 / 128 / blocks), rel=0.05)
+        assert first.bias.abs().sum() == 0 == last.bias.abs().sum()
+    with pytest.raises(ValueError):
+        MLP(4, [4], 2, init='xavier')
+
+
+def test_study_defaults_are_fair_and_the_old_setting_is_a_separate_cell():
+    from study import cell_id
+    data = type('D', (), {'shape': (1, 4, 4), 'num_classes': 3})()  # what build_model reads
+    study = exercise_1_2.study_config(exercise_1_2.config)
+    assert study['init'] == 'he' and study['dropout'] == 0.0
+    for model in ('plain', 'residual'):
+        net = exercise_1_2.build_model({**study, 'model': model, 'depth': 4, 'width': 8}, data)
+        assert net.args['init'] == 'he' and not any(isinstance(m, nn.Dropout) for m in net.modules())
+    old = exercise_1_2.study_config({**exercise_1_2.config, 'study_init': 'torch', 'study_dropout': 0.2})
+    assert (old['init'], old['dropout']) == ('torch', 0.2) and cell_id(old) != cell_id(study)
+
+
+# ---------------------------------------------------------------------------------------------
 # Gradient norms, against a hand computation
 
 def test_grad_norms_by_hand():
@@ -83,10 +135,41 @@ def test_grad_norms_by_hand():
     # dx = W1^T dh = s [-1, 1], dconv = dx . x = s
     expected = [('0', s), ('2', s * math.sqrt(2) * math.sqrt(5)), ('3', s * math.sqrt(2) * math.sqrt(14))]
     got = grad_norms(model, x, y)
-    assert [name for name, _ in got] == [name for name, _ in expected]
-    for (_, g), (_, e) in zip(got, expected):
-        assert g == pytest.approx(e, rel=1e-5)
+    assert [r['layer'] for r in got] == [name for name, _ in expected]
+    weights = [1.0, 2.0, math.sqrt(2)]  # ||W|| of the three layers
+    for r, (_, e), w in zip(got, expected, weights):
+        assert r['grad'] == pytest.approx(e, rel=1e-5)
+        assert r['weight'] == pytest.approx(w, rel=1e-6)
+        assert r['ratio'] == pytest.approx(e / w, rel=1e-5)
     assert all(p.grad is None for p in model.parameters())  # no side effects on .grad
+
+
+def test_scale_free_gradient_is_unchanged_when_a_batchnorm_followed_weight_is_scaled():
+    # BatchNorm (train mode) after the conv: the loss ignores the conv's scale c, so ||dL/dW||
+    # falls as 1/c (the raw metric calls the layer "vanishing"), ||dL/dW|| / ||W|| as 1/c^2,
+    # and ||dL/dW|| * ||W|| stays put
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 5))
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
+    before = grad_norms(model, x, y, label_smoothing=0.1)
+    with torch.no_grad():
+        model[0].weight.mul_(10)
+    after = grad_norms(model, x, y, label_smoothing=0.1)
+    assert after[0]['grad'] == pytest.approx(before[0]['grad'] / 10, rel=1e-3)
+    assert after[0]['ratio'] == pytest.approx(before[0]['ratio'] / 100, rel=1e-3)
+    assert after[0]['scale_free'] == pytest.approx(before[0]['scale_free'], rel=1e-3)
+    assert after[1]['grad'] == pytest.approx(before[1]['grad'], rel=1e-4)  # the Linear sees the same input
+
+
+def test_grad_norms_use_the_training_loss_with_label_smoothing():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    smooth = grad_norms(model, x, y, label_smoothing=0.2)[0]['grad']
+    loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
+    assert smooth == pytest.approx(torch.autograd.grad(loss, model.weight)[0].norm().item(), rel=1e-6)
+    assert smooth != pytest.approx(grad_norms(model, x, y)[0]['grad'], rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +187,8 @@ def test_smoke_study_writes_outputs_then_skips_and_resumes(tmp_path, capsys):
     for name in ('study.csv', 'study_acc.png', 'study_loss.png', 'grad_norms.png'):
         assert (out / name).stat().st_size > 0, name
     lines = (out / 'study.csv').read_text().splitlines()
-    assert lines[0] == 'model,depth,width,params,best_val_acc,test_acc,final_train_loss,train_seconds,cell'
+    assert lines[0] == ('model,depth,width,params,best_val_acc,test_acc,final_train_loss,clean_train_loss,'
+                        'clean_train_acc,train_seconds,cell')
     assert [tuple(r.split(',')[:3]) for r in lines[1:]] == [
         ('plain', '2', '16'), ('residual', '2', '16'), ('plain', '3', '16'), ('residual', '3', '16')]
     cells = [out / r.split(',')[-1] for r in lines[1:]]
