@@ -51,11 +51,12 @@ NOT_IDENTITY = {'resume', 'run_name', 'runs_dir', 'data_dir', 'device', 'amp', '
 
 def train_run(exercise: str, config: dict, build_model: BuildModel, overrides: dict | None = None,
               name: str = 'run', may_change: tuple[str, ...] = (), tags: list[str] | None = None,
-              make_data: Callable[[dict, torch.device], Data] = load_data) -> dict:
+              make_data: Callable[[dict, torch.device], Data] = load_data, quiet: bool = False) -> dict:
     """One run: Run -> make_data -> build_model -> train -> report. Returns results.json's dict.
-    may_change: the script's keys that a resume may change (they do not shape this run)."""
+    may_change: the script's keys that a resume may change (they do not shape this run).
+    quiet: no run, epoch and test lines (a study cell: cached_run prints one line for it)."""
     tags = tags if tags is not None else [config['model'], f"depth={config['depth']}"]
-    run = Run(exercise, config, overrides, name=name, tags=tags, may_change=may_change)
+    run = Run(exercise, config, overrides, name=name, tags=tags, may_change=may_change, quiet=quiet)
     config = run.config  # the checkpoint's, when resuming
     data = make_data(config, run.device)
     model = build_model(config, data)
@@ -81,20 +82,28 @@ def cell_id(cell: dict) -> str:
 
 def cached_run(exercise: str, config: dict, run_name: str, build_model: BuildModel,
                make_data: Callable[[dict, torch.device], Data] = load_data,
-               tags: list[str] | None = None) -> tuple[str, dict]:
+               tags: list[str] | None = None, quiet: bool = False) -> tuple[str, dict]:
     """runs/<exercise>/<run_name>, a name that carries the digest of the settings it stands for:
     reused when it finished (results.json), resumed from its last.pt when it was interrupted,
-    else trained. Returns (run directory, results.json's dict)."""
+    else trained. Returns (run directory, results.json's dict). quiet: one line for the run
+    (a study cell), in place of its run, epoch and test lines."""
     run_dir = os.path.join(config['runs_dir'], exercise, run_name)
     last = os.path.join(run_dir, 'checkpoints', 'last.pt')
     if os.path.exists(os.path.join(run_dir, 'results.json')):
-        print(f"skip {run_dir}: done, same settings")
+        how = 'skip (done, same settings)'
+        if not quiet:
+            print(f"skip {run_dir}: done, same settings")
     else:  # a folder without last.pt never checkpointed: nothing in it to keep
+        how = f'trained, resuming {last}' if os.path.exists(last) else 'trained'
         train_run(exercise, {**config, 'run_name': run_name, 'overwrite': True,
                              'resume': last if os.path.exists(last) else ''},
-                  build_model, tags=tags, make_data=make_data)
+                  build_model, tags=tags, make_data=make_data, quiet=quiet)
     with open(os.path.join(run_dir, 'results.json')) as f:
-        return run_dir, json.load(f)
+        results = json.load(f)
+    if quiet:
+        print(f"{run_name}: test acc {100 * results['test_acc']:.2f}% (best val {100 * results['best_val_acc']:.2f}%), "
+              f"{results['train_seconds']:.1f}s, {how}", flush=True)
+    return run_dir, results
 
 
 def cell_dir(exercise: str, cell: dict) -> str:
@@ -114,7 +123,7 @@ def run_study(exercise: str, config: dict, build_model: BuildModel,
     for depth in depths:
         for model in models:
             cell = cell_config(config, model, depth)
-            run_dir, _ = cached_run(exercise, cell, os.path.basename(cell_dir(exercise, cell)), build_model)
+            run_dir, _ = cached_run(exercise, cell, os.path.basename(cell_dir(exercise, cell)), build_model, quiet=True)
             rows.append(study_row(run_dir, cell))
     return rows
 
@@ -137,7 +146,7 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
         save_figure(plot_study(rows, title=f'test accuracy ({title})', xlabel=xlabel),
                     os.path.join(out_dir, 'study_acc.png'))
         save_figure(plot_loss_curves(rows, title=f'training loss ({title})'), os.path.join(out_dir, 'study_loss.png'))
-        print(f"wrote {out_dir}/study_acc.png and study_loss.png")
+        print(f"wrote {out_dir}/study.csv, study_acc.png and study_loss.png")
     if config['part'] in ('grads', 'all'):  # why: gradient norms per layer on one training batch
         records = gradient_study(exercise, study, build_model, depths=config['depths'])
         if not is_main():
@@ -170,7 +179,6 @@ def write_csv(rows: list[dict], path: str) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, lambda f: f.write(text.getvalue()), binary=False)
-    print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,11 +225,14 @@ def gradient_study(exercise: str, config: dict, build_model: BuildModel,
 
 
 def print_grad_summary(records: list[dict]) -> None:
-    print(f"{'model':>9} {'depth':>5} {'stage':>7} {'first layer':>12} {'last layer':>12} {'first/last':>11}")
+    """One line per (model, depth): first and last layer's gradient norm, and their ratio, init -> trained."""
+    cells: dict = {}
     for r in records:
-        first, last = r['norms'][0][1], r['norms'][-1][1]
-        print(f"{r['model']:>9} {r['depth']:5d} {r['stage']:>7} {first:12.3e} {last:12.3e} "
-              f"{first / max(last, 1e-30):11.3e}")
+        cells.setdefault((r['model'], r['depth']), []).append((r['norms'][0][1], r['norms'][-1][1]))
+    print(f"{'model':>9} {'depth':>5}  grad norm init -> trained: first layer, last layer, first/last")
+    for (model, depth), stages in cells.items():
+        columns = zip(*[(first, last, first / max(last, 1e-30)) for first, last in stages])  # (init, trained) each
+        print(f"{model:>9} {depth:5d}" + ''.join(f"  {' -> '.join(f'{v:.1e}' for v in c):>18}" for c in columns))
 
 
 # ---------------------------------------------------------------------------------------------
