@@ -2,6 +2,8 @@
 # (default: python3 on PATH, i.e. your activated virtual environment).
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install -q -r requirements.txt
+# -s: make echoes no commands and says nothing after an ignored error (the `-` lines below)
+MAKEFLAGS += -s
 
 .PHONY: help install run offline test gpu-check
 help:
@@ -16,11 +18,13 @@ install:
 	@# validate, so it is installed without its dependencies; jsonschema/jsonref come from requirements.
 	$(PYTHON) -m pip install -q --no-deps sweeps==0.3.0
 
+# `-`: when the script fails (offline, say), its own one-line error is the last line a user sees,
+# not make's "Error 1" after it. The price: make exits 0; run the script itself for its exit code.
 run: install
-	$(PYTHON) exercise_1_1.py $(ARGS)
+	-$(PYTHON) exercise_1_1.py $(ARGS)
 
 offline: install
-	$(PYTHON) exercise_1_1.py --dataset digits $(ARGS)
+	-$(PYTHON) exercise_1_1.py --dataset digits $(ARGS)
 
 test: install
 	$(PYTHON) -m pytest -q tests
