@@ -148,6 +148,12 @@ def with_background(model: nn.Module) -> nn.Module:
     return model
 
 
+def crop_summary(counts: dict) -> str:
+    """crop_data's counts as one line: 'train 140 (88 background, 12 canvases), val ...'."""
+    return ', '.join(f"{split} {c['crops']:,} ({c['background']:,} background, {c['canvases']:,} "
+                     f"canvas{'' if c['canvases'] == 1 else 'es'})" for split, c in counts.items())
+
+
 def crop_data(data: Data, config: dict) -> tuple[Data, dict]:
     """Track B's 11-class crops (uint8, class 10 = background), cut from canvases of each split:
     train from the train split, val from the val split; test (reported, never selected on) from the
@@ -272,9 +278,7 @@ def main(config: dict, overrides: dict) -> dict:
         t0 = time.perf_counter()
         crops, made['crops'] = crop_data(data, config)
         made['crop_seconds'] = time.perf_counter() - t0
-        print(f"background crops in {made['crop_seconds']:.1f} s: " + ', '.join(
-            f"{split} {c['crops']:,} ({c['background']:,} background, from {c['canvases']:,} canvases)"
-            for split, c in made['crops'].items()))
+        print(f"background crops in {made['crop_seconds']:.1f} s: {crop_summary(made['crops'])}")
         for split in (crops.train, crops.val, crops.test):
             split.x, split.y, split.mean, split.std = (t.to(device) for t in (split.x, split.y, split.mean, split.std))
         return crops

@@ -143,8 +143,8 @@ def diverged(row: dict, num_classes: int, lr: float) -> dict | None:
         return None
     return {'epoch': row['epoch'],
             'reason': f"diverging in epoch {row['epoch']}: train loss {row['train/loss']:.4g}, val loss "
-                      f"{row['val/loss']:.4g}, over {DIVERGED} x ln({num_classes}) = {limit:.1f} (a uniform guess "
-                      f"scores {math.log(num_classes):.2f}); likely the learning rate is too high: try --lr {lr / 10:g}"}
+                      f"{row['val/loss']:.4g} (over {DIVERGED} x ln({num_classes}) = {limit:.1f}). Likely cause: too high "
+                      f"a learning rate; try --lr {lr / 10:g}"}
 
 
 # ---------------------------------------------------------------------------------------------

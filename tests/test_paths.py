@@ -104,10 +104,7 @@ def test_a_failed_download_leaves_data_dir_as_it_was(tmp_path, monkeypatch):
     assert os.listdir(empty) == []  # no empty MNIST/raw
     with pytest.raises(UserError, match='could not download'):
         load_idx_dataset('mnist', str(tmp_path / 'new' / 'data'))
-    assert not (tmp_path / 'new').exists()  # created only to download into
-
-
-def test_a_missing_data_dir_is_created_by_a_download_that_succeeds(tmp_path, monkeypatch):
+    assert not (tmp_path / 'new').exists()  # created only to download into ...
     source = os.path.join(write_mnist(str(tmp_path / 'src'), n_train=30, n_test=10), 'MNIST', 'raw')
 
     def download(url, root, filename=None, md5=None):
@@ -115,7 +112,7 @@ def test_a_missing_data_dir_is_created_by_a_download_that_succeeds(tmp_path, mon
         with open(os.path.join(source, filename), 'rb') as f, open(os.path.join(root, filename), 'wb') as out:
             out.write(f.read())
     monkeypatch.setattr('torchvision.datasets.utils.download_url', download)
-    assert load_idx_dataset('mnist', str(tmp_path / 'new'))['test'][0].shape == (10, 28, 28)
+    assert load_idx_dataset('mnist', str(tmp_path / 'new'))['test'][0].shape == (10, 28, 28)  # ... as here
     assert len(os.listdir(tmp_path / 'new' / 'MNIST' / 'raw')) == 4
 
 
@@ -133,13 +130,14 @@ def test_config_line_shows_only_what_differs_from_the_defaults(config, capsys):
 def test_exercise_1_2_default_run_fits_50_lines_one_per_cell(tmp_path, capsys, monkeypatch):
     import exercise_1_2
     monkeypatch.chdir(tmp_path)  # the default --runs_dir ./runs
-    depths = [2, 4]  # the default has 6: each depth adds 2 cell lines and 2 gradient lines
-    argv = ['--dataset', 'digits', '--max_steps', '1', '--depths', str(depths).replace(' ', ''),
-            '--width', '16', '--study_width', '8', *SYSTEM]  # small models, the same lines
+    depths, epochs = [2, 4], 2  # the default: 6 depths (each adds 2 cell lines, 2 gradient lines), 20 epochs
+    argv = ['--dataset', 'digits', '--max_steps', '1', '--depths', str(depths).replace(' ', ''), '--epochs', str(epochs),
+            '--study_epochs', '1', '--width', '16', '--study_width', '8', *SYSTEM]  # small and short, the same lines
     cli(exercise_1_2.main, exercise_1_2.config, argv)
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith('study-') for line in lines) == 2 * len(depths)  # one line per study cell
-    assert len(lines) + 4 * (len(exercise_1_2.config['depths']) - len(depths)) <= 50
+    default = exercise_1_2.config
+    assert len(lines) + 4 * (len(default['depths']) - len(depths)) + default['epochs'] - epochs <= 50
     assert all(len(line) <= 160 for line in lines if not line.startswith('epoch'))
 
 
@@ -156,6 +154,13 @@ def test_help_says_what_the_wandb_default_does():
     import exercise_1_1
     line = next(r for r in help_text(exercise_1_1.config, exercise_1_1.__file__).splitlines() if '--wandb ' in r)
     assert 'default: online if logged in, else offline' in line and len(line) <= 160
+
+
+def test_2_2_says_its_crop_counts_in_words():
+    import exercise_2_2
+    counts = {'train': {'canvases': 12, 'crops': 1400, 'background': 88}, 'val': {'canvases': 1, 'crops': 9,
+                                                                                   'background': 6}}
+    assert exercise_2_2.crop_summary(counts) == 'train 1,400 (88 background, 12 canvases), val 9 (6 background, 1 canvas)'
 
 
 def test_venv_is_ignored_by_git():
