@@ -352,12 +352,9 @@ class Run:
             except Exception as e:  # noqa: BLE001 - any W&B failure is non-fatal by design
                 print(f"W&B {m} init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
                 continue
-            if self.quiet:
-                pass
-            elif m == 'offline':
-                print(f"W&B offline; upload with: wandb sync {os.path.dirname(run.dir)}")
-            else:
-                print(f"W&B: {run.url}")
+            if not self.quiet:  # a study cell's caller prints its one line
+                print(f"W&B offline; upload with: wandb sync {os.path.dirname(run.dir)}" if m == 'offline'
+                      else f"W&B: {run.url}")
             return run
         print("W&B logging is off for this run")
         return None
