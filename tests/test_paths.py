@@ -9,7 +9,7 @@ import torch
 
 import training
 from config import UserError, cli, help_text, parse_args
-from dataset import load_data, load_idx_dataset
+from dataset import load_cifar10, load_data, load_idx_dataset
 from evaluate import report
 from models import MLP
 from record import Run, load_checkpoint
@@ -105,6 +105,14 @@ def test_a_failed_download_leaves_data_dir_as_it_was(tmp_path, monkeypatch):
     with pytest.raises(UserError, match='could not download'):
         load_idx_dataset('mnist', str(tmp_path / 'new' / 'data'))
     assert not (tmp_path / 'new').exists()  # created only to download into ...
+
+    def failing_archive(url, root, filename=None, md5=None):
+        os.makedirs(os.path.join(root, 'cifar-10-batches-py'))
+        raise OSError('offline')
+    monkeypatch.setattr('torchvision.datasets.utils.download_and_extract_archive', failing_archive)
+    with pytest.raises(UserError, match='could not download'):
+        load_cifar10(str(tmp_path / 'cifar' / 'data'))
+    assert not (tmp_path / 'cifar').exists()
     source = os.path.join(write_mnist(str(tmp_path / 'src'), n_train=30, n_test=10), 'MNIST', 'raw')
 
     def download(url, root, filename=None, md5=None):
