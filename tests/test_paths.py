@@ -2,6 +2,7 @@
 per-dataset defaults, divergence, model selection ties, data folders, a console that fits a screen."""
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -40,8 +41,11 @@ def test_exercise_1_3_on_digits_learns_with_its_defaults_and_keeps_2x2_maps(tmp_
     assert maps.shape[-2:] == (2, 2)
     # a flag overrides a dataset default; --help states every one of them
     assert exercise_1_3.with_dataset_defaults({**config, 'lr': 0.2}, {'lr': 0.2})['lr'] == 0.2
-    text = help_text(exercise_1_3.config, exercise_1_3.__file__)
-    assert all(f'{k}={v!r}' in text for k, v in exercise_1_3.DATASET_DEFAULTS['digits'].items())
+    rows = {r.split()[0]: r for r in help_text(exercise_1_3.config, exercise_1_3.__file__).splitlines()[2:]}
+    for dataset, values in exercise_1_3.DATASET_DEFAULTS.items():
+        for key, value in values.items():  # e.g. --lr's row ends '...; fashion_mnist, mnist: 0.1; digits: 0.05'
+            said = [p for p in rows[f'--{key}'].split(';') if re.search(rf'(?<!\w){dataset}\b', p)]
+            assert len(said) == 1 and said[0].endswith(f': {value!r}'), (dataset, key)
 
 
 # ---------------------------------------------------------------------------------------------
