@@ -30,7 +30,7 @@ evaluate.load_model(path) rebuilds it, model.features gives the final feature ma
 model.classifier the linear head.
 
     python exercise_1_3.py                                     # CIFAR-10, downloaded to ./data
-    python exercise_1_3.py --dataset fashion_mnist --widths [32,64,128] --epochs 12
+    python exercise_1_3.py --dataset fashion_mnist             # its own recipe: DATASET_DEFAULTS below
     python exercise_1_3.py --part study --dataset fashion_mnist --subset 10000
     python exercise_1_3.py --help                                 # every key, default and reason
 """
