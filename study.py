@@ -100,7 +100,7 @@ def cached_run(exercise: str, config: dict, run_name: str, build_model: BuildMod
                   build_model, tags=tags, make_data=make_data, quiet=quiet)
     with open(os.path.join(run_dir, 'results.json')) as f:
         results = json.load(f)
-    if quiet:
+    if quiet and is_main():
         print(f"{run_name}: test acc {100 * results['test_acc']:.2f}% (best val {100 * results['best_val_acc']:.2f}%), "
               f"{results['train_seconds']:.1f}s, {how}", flush=True)
     return run_dir, results
