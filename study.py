@@ -137,6 +137,7 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
     grads: per-layer gradient norms of those cells at init and trained -> grad_norms.png.
     """
     out_dir = os.path.join(config['runs_dir'], exercise)
+    wrote = []  # one line at the end names every file written
     if config['part'] in ('study', 'all'):
         rows = run_study(exercise, study, build_model, depths=config['depths'])
         if not is_main():  # under torchrun every process trains, rank 0 writes
@@ -146,15 +147,16 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
         save_figure(plot_study(rows, title=f'test accuracy ({title})', xlabel=xlabel),
                     os.path.join(out_dir, 'study_acc.png'))
         save_figure(plot_loss_curves(rows, title=f'training loss ({title})'), os.path.join(out_dir, 'study_loss.png'))
-        print(f"wrote {out_dir}/study.csv, study_acc.png and study_loss.png")
+        wrote += ['study.csv', 'study_acc.png', 'study_loss.png']
     if config['part'] in ('grads', 'all'):  # why: gradient norms per layer on one training batch
         records = gradient_study(exercise, study, build_model, depths=config['depths'])
-        if not is_main():
-            return
-        print_grad_summary(records)
-        save_figure(plot_grad_norms(records, title=f'gradient norm per layer, one batch ({title})'),
-                    os.path.join(out_dir, 'grad_norms.png'))
-        print(f"wrote {out_dir}/grad_norms.png")
+        if is_main():
+            print_grad_summary(records)
+            save_figure(plot_grad_norms(records, title=f'gradient norm per layer, one batch ({title})'),
+                        os.path.join(out_dir, 'grad_norms.png'))
+            wrote.append('grad_norms.png')
+    if wrote:
+        print(f"wrote {out_dir}/{', '.join(wrote[:-1])}{' and ' if len(wrote) > 1 else ''}{wrote[-1]}")
 
 
 def study_row(run_dir: str, cell: dict) -> dict:
