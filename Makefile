@@ -2,6 +2,8 @@
 # (default: python3 on PATH, i.e. your activated virtual environment).
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install -q -r requirements.txt
+# -s: make echoes no commands, so the script's own lines are what a user reads
+MAKEFLAGS += -s
 
 .PHONY: help install run offline test gpu-check
 help:
@@ -16,6 +18,8 @@ install:
 	@# validate, so it is installed without its dependencies; jsonschema/jsonref come from requirements.
 	$(PYTHON) -m pip install -q --no-deps sweeps==0.3.0
 
+# A failing script (offline, say) keeps its non-zero exit status: scripts and CI rely on it. With -s
+# its one-line error is the last line before make's own "Error 1" (make always prints that one).
 run: install
 	$(PYTHON) exercise_1_1.py $(ARGS)
 

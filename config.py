@@ -65,7 +65,7 @@ COMMON: dict[str, Any] = {
     'run_name': '',                                 # '' = <model>-<dataset>-<timestamp>
     'resume': '',                                   # '' | path to a checkpoint | auto (newest unfinished run of this name)
     'overwrite': False,                             # let a fresh run replace an existing run_name's directory
-    'wandb': wandb_default(),                       # online | offline | off (online when logged in)
+    'wandb': wandb_default(),                       # online | offline | off; default: online if logged in, else offline (kept in the run folder for `wandb sync`)
     'wandb_project': 'dla-labs',                    # W&B project; runs are grouped by exercise
     'wandb_verbose': False,                         # show W&B's own console output (else one line of ours)
 }
@@ -127,7 +127,10 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
         value = list(value)
     if type(value) is not type(default):
         kind = type(default).__name__
-        raise UserError(f"--{key} expects {'an' if kind[0] in 'aeiou' else 'a'} {kind} like {default!r}, got {text!r}")
+        # the shell splits an unquoted `--hidden [512, 256]` into '[512,' and '256]'
+        hint = f"; quote list values: --{key} '{default!r}'" if isinstance(default, list) and text.startswith('[') else ''
+        raise UserError(f"--{key} expects {'an' if kind[0] in 'aeiou' else 'a'} {kind} like {default!r}, got {text!r}"
+                        f"{hint}")
     return value
 
 

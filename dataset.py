@@ -8,7 +8,9 @@ small that path, not the model, is what limits training speed.
 On-disk layout is torchvision's, so an existing torchvision download is reused:
   <data_dir>/MNIST/raw/*-idx?-ubyte[.gz]   <data_dir>/FashionMNIST/raw/...
   <data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}   (python pickles)
-Missing files are downloaded with torchvision's utilities, which verify MD5 checksums.
+A --data_dir holding the four IDX files loose (Debian's /usr/share/datasets/fashion-mnist/) works
+too. Missing files are downloaded with torchvision's utilities, which verify MD5 checksums; a
+failed download leaves --data_dir as it was (no empty folders).
 
 With config['augment'], the train split is augmented per batch on the device (random crop
 with zero padding, and a horizontal flip where mirrored images keep their label).
@@ -20,8 +22,9 @@ import math
 import zlib
 import os
 import pickle
+import shutil
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -120,6 +123,21 @@ def _find(raw_dir: str, stem: str) -> str | None:
 OFFLINE_HINT = "Offline? --dataset digits trains on scikit-learn's bundled digits with no download."
 
 
+def _download_into(folder: str, download: Callable[[], None]) -> None:
+    """download(), which writes into `folder`, creating it. If it fails, the folders it created
+    (from the outermost that did not exist) are removed: only a download that succeeds leaves
+    anything in --data_dir, and a --data_dir that does not exist is created only for one."""
+    created, path = None, os.path.abspath(folder)
+    while not os.path.exists(path):
+        created, path = path, os.path.dirname(path)
+    try:
+        download()
+    except BaseException:
+        if created is not None:  # it did not exist before this call: everything in it is ours
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
 def _download(dataset_cls, raw_dir: str, missing: list[str]) -> None:
     """torchvision's download with MD5 check, trying each mirror; a clear error when offline."""
     from torchvision.datasets.utils import download_url
@@ -135,19 +153,21 @@ def _download(dataset_cls, raw_dir: str, missing: list[str]) -> None:
             raise UserError(
                 f"could not download {', '.join(m + '.gz' for m in missing)} from {dataset_cls.mirrors[0]} "
                 f"({type(error).__name__}). Put them in {raw_dir}, or point --data_dir (or $DLA_DATA) at a folder "
-                f"holding {dataset_cls.__name__}/raw/. {OFFLINE_HINT}")
+                f"holding {dataset_cls.__name__}/raw/ or the four .gz files. {OFFLINE_HINT}")
 
 
 def load_idx_dataset(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{'train': (images (N, 28, 28), labels (N,)), 'test': ...} for mnist or fashion_mnist."""
     from torchvision.datasets import MNIST, FashionMNIST
     dataset_cls = {'mnist': MNIST, 'fashion_mnist': FashionMNIST}[name]
-    raw_dir = os.path.join(data_dir, dataset_cls.__name__, 'raw')
     stems = [s for pair in IDX_FILES.values() for s in pair]
+    raw_dir = os.path.join(data_dir, dataset_cls.__name__, 'raw')  # torchvision's layout
+    if all(_find(data_dir, s) for s in stems):  # the four files loose in data_dir (Debian's package)
+        raw_dir = data_dir
     missing = [s for s in stems if _find(raw_dir, s) is None]
     if missing:
         print(f"{name}: {len(missing)} file(s) missing in {raw_dir}, downloading")
-        _download(dataset_cls, raw_dir, missing)
+        _download_into(raw_dir, lambda: _download(dataset_cls, raw_dir, missing))
     out = {}
     for split, (images, labels) in IDX_FILES.items():
         x, y = read_idx(_find(raw_dir, images)), read_idx(_find(raw_dir, labels))
@@ -296,7 +316,8 @@ def load_cifar10(data_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
         print(f"cifar10: {len(missing)} file(s) missing in {folder}, downloading {CIFAR10.filename}")
         from torchvision.datasets.utils import download_and_extract_archive
         try:  # md5-checked; extracts into data_dir/cifar-10-batches-py/
-            download_and_extract_archive(CIFAR10.url, data_dir, filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+            _download_into(data_dir, lambda: download_and_extract_archive(
+                CIFAR10.url, data_dir, filename=CIFAR10.filename, md5=CIFAR10.tgz_md5))
         except Exception as e:  # noqa: BLE001 - offline, proxy, bad checksum: one clear line
             raise UserError(f"could not download {CIFAR10.url} ({type(e).__name__}) for {', '.join(missing)} in "
                             f"{folder}. Unpack it into {data_dir}, or point --data_dir (or $DLA_DATA) at a folder "

@@ -196,7 +196,7 @@ def report(run: Run, model: nn.Module, data: Data, history: list[dict]) -> dict:
         'epochs_run': len(history), 'train_seconds': sum(h['epoch_seconds'] for h in history),  # validation included
         'num_params': models.num_params(model), 'dataset': data.name, 'device': str(run.device),
         'torch_version': torch.__version__, 'world_size': run.world,
-        'per_class_acc': [round(a, 6) for a in test['per_class_acc']],
+        'per_class_acc': [round(a, 6) for a in test['per_class_acc']], **run.notes,
         'provenance': run.provenance(data),
     }
     if not is_main():
@@ -207,8 +207,11 @@ def report(run: Run, model: nn.Module, data: Data, history: list[dict]) -> dict:
     run.log_figure('curves', plot_curves(history, run.config, f"{run.exercise}: {run.name}"))
     run.log_figure('confusion', plot_confusion(test['confusion'], data.classes,
                                                f"{data.name} test, acc {100 * test['acc']:.2f}%"))
-    print(f"test acc {100 * test['acc']:.2f}% (loss {test['loss']:.4f}) with best.pt from epoch "
-          f"{best['best_epoch']} (val acc {100 * best['best_val_acc']:.2f}%) -> {run.path('results.json')}")
+    if not run.quiet:  # a study cell: study.cached_run prints its one line
+        path = run.path('results.json')  # relative under the working directory: the line fits a screen
+        path = os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path
+        print(f"test acc {100 * test['acc']:.2f}% (loss {test['loss']:.4f}) with best.pt from epoch "
+              f"{best['best_epoch']} (val acc {100 * best['best_val_acc']:.2f}%) -> {path}")
     run.finish(results)
     return results
 

@@ -202,6 +202,12 @@ def with_background(model: nn.Module) -> nn.Module:
     return model
 
 
+def crop_summary(counts: dict) -> str:
+    """crop_data's counts as one line: 'train 140 (88 background, 12 canvases), val ...'."""
+    return ', '.join(f"{split} {c['crops']:,} ({c['background']:,} background, {c['canvases']:,} "
+                     f"canvas{'' if c['canvases'] == 1 else 'es'})" for split, c in counts.items())
+
+
 def crop_data(data: Data, config: dict) -> tuple[Data, dict]:
     """Track B's 11-class crops (uint8, class 10 = background), cut from canvases of each split:
     train from the train split, val from the val split; test (reported, never selected on) from the
@@ -272,9 +278,6 @@ def run_track(name: str, model: nn.Module, data: Data, val: detect.Canvases, tes
                objects=n_gt, eval_seconds=time.perf_counter() - t0, geometry=vars(fcn.geometry),
                surgery=surgery_check(model, fcn, x, config['canvas_size']),
                pr_curve={k: v.tolist() for k, v in curve.items()})
-    print(f"{TRACKS[name]}: mAP@0.5 {out['map_50']:.4f} mAP@[.5:.95] {out['map']:.4f} mAR@100 {out['mar_100']:.4f} "
-          f"| threshold {threshold:.3f}: P {out['precision']:.4f} R {out['recall']:.4f} F1 {out['f1']:.4f} "
-          f"count acc {out['count_acc']:.4f} | {out['ms_per_canvas']:.1f} ms/canvas", flush=True)
     return {'metrics': out, 'preds': detect.above(output, threshold), 'maps': maps, 'geometry': fcn.geometry}
 
 
@@ -384,7 +387,7 @@ def main(config: dict, overrides: dict) -> dict:
         t0 = time.perf_counter()
         crops, made['crops'] = crop_data(data, config)
         made['crop_seconds'] = time.perf_counter() - t0
-        print(f"background crops: {made['crops']} in {made['crop_seconds']:.1f} s")
+        print(f"background crops in {made['crop_seconds']:.1f} s: {crop_summary(made['crops'])}")
         for split in (crops.train, crops.val, crops.test):
             split.x, split.y, split.mean, split.std = (t.to(device) for t in (split.x, split.y, split.mean, split.std))
         return crops

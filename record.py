@@ -365,10 +365,14 @@ class Run:
     """
 
     def __init__(self, exercise: str, config: dict, overrides: dict | None = None,
-                 name: str = 'run', tags: list[str] | None = None, may_change: tuple[str, ...] = ()):
+                 name: str = 'run', tags: list[str] | None = None, may_change: tuple[str, ...] = (),
+                 quiet: bool = False):
         self.exercise, self.tags = exercise, tags or []
         self.started_at = now()  # provenance: when this run (or this resumed session) began
         git_state()  # ... and the code it runs: read once per process, before anyone edits the tree
+        # the console's config line: what differs from the script's defaults (config, less the overrides)
+        self.defaults = {k: v for k, v in config.items() if k not in (overrides or {})}
+        self.quiet = quiet  # a study cell: its caller prints one line for it; warnings still print
         self.rank, self.world = init_distributed(pick_device(config['device']))
         check_runs_dir(config['runs_dir'], exercise)
         config = dict(config)  # resume='auto' resolves into our copy, not the caller's dict
@@ -411,6 +415,7 @@ class Run:
         self.started = False
         self.tb = self.wandb = None
         self.step = 0  # the highest step logged: W&B drops any row logged below it
+        self.notes: dict = {}  # facts results.json records beside the metrics (training: selection, diverged)
 
     # -- deciding: fresh or resumed, and with which config ------------------------------------
 
@@ -628,8 +633,12 @@ class Run:
         write_json(self.path('config.json'), self.config)
         with open(self.path('command.txt'), 'a') as f:
             f.write(' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\n')
-        print(f"run {self.dir} on {self.device}" + ('' if fresh else f" (resuming {self.config['resume']})"))
-        print('config ' + ' '.join(f'{k}={v!r}' for k, v in self.config.items()))
+        if not self.quiet:
+            print(f"run {self.dir} on {self.device}" + ('' if fresh else f" (resuming {self.config['resume']})"))
+            changed = {k: v for k, v in self.config.items()
+                       if k not in ('resume', 'run_name', 'runs_dir') and self.defaults.get(k, object()) != v}
+            if changed:  # the full config is in config.json and --help
+                print('config ' + ' '.join(f'{k}={v!r}' for k, v in changed.items()))
         from torch.utils.tensorboard import SummaryWriter  # lazy: heavy import
         start = len(self.checkpoint.get('history', [])) if self.checkpoint else 0
         self.tb = SummaryWriter(self.dir, purge_step=start + 1)  # drop epochs a killed run logged twice
@@ -675,10 +684,9 @@ class Run:
             except Exception as e:  # noqa: BLE001 - any W&B failure is non-fatal by design
                 print(f"W&B {m} init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
                 continue
-            if m == 'offline':
-                print(f"W&B offline; upload with: wandb sync {os.path.dirname(run.dir)}")
-            else:
-                print(f"W&B: {run.url}")
+            if not self.quiet:  # a study cell's caller prints its one line
+                print(f"W&B offline; upload with: wandb sync {os.path.dirname(run.dir)}" if m == 'offline'
+                      else f"W&B: {run.url}")
             return run
         print("W&B logging is off for this run")
         return None

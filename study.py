@@ -53,11 +53,12 @@ NOT_IDENTITY = HOW_IT_RUNS | {'part', 'depths'}
 
 def train_run(exercise: str, config: dict, build_model: BuildModel, overrides: dict | None = None,
               name: str = 'run', may_change: tuple[str, ...] = (), tags: list[str] | None = None,
-              make_data: Callable[[dict, torch.device], Data] = load_data) -> dict:
+              make_data: Callable[[dict, torch.device], Data] = load_data, quiet: bool = False) -> dict:
     """One run: Run -> make_data -> build_model -> train -> report. Returns results.json's dict.
-    may_change: the script's keys that a resume may change (they do not shape this run)."""
+    may_change: the script's keys that a resume may change (they do not shape this run).
+    quiet: no run, epoch and test lines (a study cell: cached_run prints one line for it)."""
     tags = tags if tags is not None else [config['model'], f"depth={config['depth']}"]
-    run = Run(exercise, config, overrides, name=name, tags=tags, may_change=may_change)
+    run = Run(exercise, config, overrides, name=name, tags=tags, may_change=may_change, quiet=quiet)
     config = run.config  # the checkpoint's, when resuming
     data = make_data(config, run.device)
     model = build_model(config, data)
@@ -83,22 +84,29 @@ def cell_id(cell: dict) -> str:
 
 def cached_run(exercise: str, config: dict, run_name: str, build_model: BuildModel,
                make_data: Callable[[dict, torch.device], Data] = load_data,
-               tags: list[str] | None = None) -> tuple[str, dict]:
+               tags: list[str] | None = None, quiet: bool = False) -> tuple[str, dict]:
     """runs/<exercise>/<run_name>, a name that carries the digest of the settings it stands for:
     reused when it finished (results.json), resumed from its last.pt when it was interrupted (where
     and how it runs, config.HOW_IT_RUNS, from this command, not from the checkpoint), else trained.
-    Returns (run directory, results.json's dict)."""
+    Returns (run directory, results.json's dict). quiet: one line for the run (a study cell), in
+    place of its run, epoch and test lines."""
     run_dir = os.path.join(config['runs_dir'], exercise, run_name)
     last = os.path.join(run_dir, 'checkpoints', 'last.pt')
     if os.path.exists(os.path.join(run_dir, 'results.json')):
-        if is_main():
+        how = 'skip (done, same settings)'
+        if not quiet and is_main():
             print(f"skip {run_dir}: done, same settings")
     else:  # a folder without last.pt never checkpointed: nothing in it to keep
+        how = f'trained, resuming {last}' if os.path.exists(last) else 'trained'
         cell = {**config, 'run_name': run_name, 'overwrite': True, 'resume': last if os.path.exists(last) else ''}
         train_run(exercise, cell, build_model, {k: cell[k] for k in HOW_IT_RUNS if k in cell},
-                  tags=tags, make_data=make_data)
+                  tags=tags, make_data=make_data, quiet=quiet)
     with open(os.path.join(run_dir, 'results.json')) as f:
-        return run_dir, json.load(f)
+        results = json.load(f)
+    if quiet and is_main():
+        print(f"{run_name}: test acc {100 * results['test_acc']:.2f}% (best val {100 * results['best_val_acc']:.2f}%), "
+              f"{results['train_seconds']:.1f}s, {how}", flush=True)
+    return run_dir, results
 
 
 def cell_dir(exercise: str, cell: dict) -> str:
@@ -118,7 +126,7 @@ def run_study(exercise: str, config: dict, build_model: BuildModel,
     for depth in depths:
         for model in models:
             cell = cell_config(config, model, depth)
-            run_dir, _ = cached_run(exercise, cell, os.path.basename(cell_dir(exercise, cell)), build_model)
+            run_dir, _ = cached_run(exercise, cell, os.path.basename(cell_dir(exercise, cell)), build_model, quiet=True)
             data = data or load_data(config, pick_device(config['device']))
             rows.append({**study_row(run_dir, cell), **clean_train(run_dir, data)})
     return rows
@@ -147,6 +155,7 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
     """
     init_distributed(pick_device(config['device']))
     out_dir = os.path.join(config['runs_dir'], exercise)
+    wrote = []  # one line at the end names every file written
     if config['part'] in ('study', 'all'):
         rows = run_study(exercise, study, build_model, depths=config['depths'])
         if not is_main():  # under torchrun every process trains, rank 0 writes
@@ -158,15 +167,16 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
         save_figure(plot_study(rows, title=f'test accuracy ({title})', xlabel=xlabel),
                     os.path.join(out_dir, 'study_acc.png'))
         save_figure(plot_loss_curves(rows, title=f'training loss ({title})'), os.path.join(out_dir, 'study_loss.png'))
-        print(f"wrote {out_dir}/study_acc.png and study_loss.png")
+        wrote += ['study.csv', 'study_acc.png', 'study_loss.png']
     if config['part'] in ('grads', 'all'):  # why: gradient norms per layer on one training batch
         records = gradient_study(exercise, study, build_model, depths=config['depths'])
-        if not is_main():
-            return
-        print_grad_summary(records)
-        save_figure(plot_grad_norms(records, title=f'||dL/dW|| * ||W|| per layer, one batch ({title})'),
-                    os.path.join(out_dir, 'grad_norms.png'))
-        print(f"wrote {out_dir}/grad_norms.png")
+        if is_main():
+            print_grad_summary(records)
+            save_figure(plot_grad_norms(records, title=f'||dL/dW|| * ||W|| per layer, one batch ({title})'),
+                        os.path.join(out_dir, 'grad_norms.png'))
+            wrote.append('grad_norms.png')
+    if wrote:
+        print(f"wrote {out_dir}/{', '.join(wrote[:-1])}{' and ' if len(wrote) > 1 else ''}{wrote[-1]}")
 
 
 def study_row(run_dir: str, cell: dict) -> dict:
@@ -191,7 +201,6 @@ def write_csv(rows: list[dict], path: str) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, lambda f: f.write(text.getvalue()), binary=False)
-    print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,14 +260,16 @@ def gradient_study(exercise: str, config: dict, build_model: BuildModel,
 
 
 def print_grad_summary(records: list[dict]) -> None:
-    """First and last layer's ||dL/dW|| * ||W|| (raw ||dL/dW|| in brackets), and their quotient."""
-    print(f"{'model':>9} {'depth':>5} {'stage':>7} {'first: |g||W| (|g|)':>24} {'last: |g||W| (|g|)':>24} "
-          f"{'first/last':>10}")
+    """One line per (model, depth): first and last layer's ||dL/dW|| * ||W|| and their ratio, init -> trained
+    (raw norms and ratios per layer are in the records)."""
+    cells: dict = {}
     for r in records:
-        first, last = r['norms'][0], r['norms'][-1]
-        print(f"{r['model']:>9} {r['depth']:5d} {r['stage']:>7} {first['scale_free']:10.3e} ({first['grad']:9.3e}) "
-              f"{last['scale_free']:10.3e} ({last['grad']:9.3e}) "
-              f"{first['scale_free'] / max(last['scale_free'], 1e-30):10.3e}")
+        first, last = r['norms'][0]['scale_free'], r['norms'][-1]['scale_free']
+        cells.setdefault((r['model'], r['depth']), []).append((first, last))
+    print(f"{'model':>9} {'depth':>5}  |g|*|W| init -> trained: first layer, last layer, first/last")
+    for (model, depth), stages in cells.items():
+        columns = zip(*[(first, last, first / max(last, 1e-30)) for first, last in stages])  # (init, trained) each
+        print(f"{model:>9} {depth:5d}" + ''.join(f"  {' -> '.join(f'{v:.1e}' for v in c):>18}" for c in columns))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,6 +152,34 @@ def restore_cuda_rng(state, device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Model selection and divergence
+
+SELECTION = 'best.pt: highest val/acc; ties go to the lower val/loss, then to the earlier epoch'
+
+
+def better(val: dict, state: dict) -> bool:
+    """Whether this epoch's validation beats the best so far (SELECTION). Small validation sets
+    saturate (digits reaches 100%): the first epoch at 100% need not be the best model."""
+    return val['acc'] > state['best_val_acc'] or (
+        val['acc'] == state['best_val_acc'] and val['loss'] < state['best_val_loss'])
+
+
+DIVERGED = 5  # x ln(classes): a uniform guess scores 1x; a learning run never averages 5x over an epoch
+
+
+def diverged(row: dict, num_classes: int, lr: float) -> dict | None:
+    """{'epoch', 'reason'} when this epoch's loss exploded but stayed finite (a non-finite one
+    stops the run); None otherwise. The run goes on (a one-cycle warm-up can recover), but says so."""
+    limit = DIVERGED * math.log(num_classes)
+    if row['train/loss'] <= limit and row['val/loss'] <= limit:
+        return None
+    return {'epoch': row['epoch'],
+            'reason': f"diverging in epoch {row['epoch']}: train loss {row['train/loss']:.4g}, val loss "
+                      f"{row['val/loss']:.4g} (over {DIVERGED} x ln({num_classes}) = {limit:.1f}). Likely cause: too high "
+                      f"a learning rate; try --lr {lr / 10:g}"}
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop
 
 def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
@@ -188,7 +216,7 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
     generator = torch.Generator().manual_seed(config['seed'])  # shuffling, CPU
     augment_generator = torch.Generator(device=device).manual_seed(config['seed'])  # augmentation, on device
     state = dict(epoch=0, batch=0, order=None, sums=torch.zeros(3), seconds=0.0, best_val_acc=-1.0,
-                 best_epoch=0, history=[])
+                 best_val_loss=math.inf, best_epoch=0, history=[], diverged=None)
 
     ck = run.checkpoint
     if ck is not None:
@@ -321,12 +349,16 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
                        'samples_per_second': n / seconds}
                 state.update(epoch=epoch + 1, batch=0, order=None, sums=torch.zeros(3), seconds=0.0)
                 state['history'] = state['history'] + [row]
+                if state['diverged'] is None:
+                    state['diverged'] = diverged(row, data.num_classes, config['lr'])
+                    if state['diverged'] and rank == 0:
+                        print(f"warning: {state['diverged']['reason']}", flush=True)
                 # the epoch's checkpoints first, then its logs: a logger failing cannot cost the epoch
-                if val['acc'] > state['best_val_acc']:
-                    state.update(best_val_acc=val['acc'], best_epoch=epoch + 1)
+                if better(val, state):
+                    state.update(best_val_acc=val['acc'], best_val_loss=val['loss'], best_epoch=epoch + 1)
                     checkpoint('best.pt', state['sums'])
                 checkpoint('last.pt', state['sums'])
-                if rank == 0:
+                if rank == 0 and not run.quiet:
                     print(f"epoch {epoch + 1:3d}/{config['epochs']} | train loss {row['train/loss']:.4f} "
                           f"acc {100 * row['train/acc']:6.2f} | val loss {row['val/loss']:.4f} "
                           f"acc {100 * row['val/acc']:6.2f} | lr {row['lr']:.2e} | {row['epoch_seconds']:5.1f}s "
@@ -339,4 +371,5 @@ def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
         if not wrote_checkpoint and not isinstance(e, SystemExit):
             run.discard()  # a fresh run that died before its first checkpoint leaves no stub
         raise
+    run.notes.update(selection=SELECTION, diverged=state['diverged'])  # results.json records both
     return state['history']

@@ -320,7 +320,8 @@ def test_torchrun_command_line(tmp_path):
     out = tmp_path / 'exercise_1_3'
     assert json.loads((out / 'ddp' / 'results.json').read_text())['world_size'] == 2
     assert len((out / 'study.csv').read_text().splitlines()) == 3 and (out / 'grad_norms.png').exists()
-    assert result.stdout.count('epoch   1/1 |') == 3  # one line per run: rank 0 prints, rank 1 does not
+    assert result.stdout.count('epoch   1/1 |') == 1  # rank 0 prints, rank 1 does not; study cells ...
+    assert sum(line.startswith('study-') for line in result.stdout.splitlines()) == 2  # ... one line each
 
     # again, every cell finished: no run starts (none joins the process group), and still one
     # process prints the table and writes grad_norms.png and study.csv (tests/test_distributed.py parts)
