@@ -91,7 +91,7 @@ HOW_IT_RUNS = {'resume', 'device', 'amp', 'channels_last', 'compile', 'data_dir'
 # the old values, and config.json must describe what ran.
 MAY_CHANGE_ON_RESUME = HOW_IT_RUNS | {'epochs'}
 
-# What a full, read-only or forbidden disk says: one line naming the file (README, "Run folders")
+# What a full, read-only or forbidden disk says: one line naming the file (docs/usage.md, "Run folders")
 DISK_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 _COMMENT = re.compile(r"""^\s*['"](\w+)['"]\s*:.*#\s*(.*)$""")
@@ -150,7 +150,7 @@ LIMITS = [
 
 
 def check_run_name(name: str) -> None:
-    """A run name is one plain folder name under <runs_dir>/<exercise>/ (README, "Run folders"): no
+    """A run name is one plain folder name under <runs_dir>/<exercise>/ (docs/usage.md, "Run folders"): no
     separator, no control character, not empty, not '.' or '..'. A leading '.' is refused too (hidden
     folders are the engine's own: a replaced run kept aside), and a leading '-' (it reads as an option)."""
     if (name in ('', '.', '..') or name[0] in '.-' or any(c in name for c in '/\\') or

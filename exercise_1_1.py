@@ -3,7 +3,7 @@
 The lab asks for an MLP classifier on MNIST with a proper train / validation / test protocol,
 logged curves and a test accuracy. The defaults below (two hidden layers of 1024, dropout,
 AdamW with a cosine schedule, label smoothing) are sized to converge well in 20 epochs.
-Measured results, and the data and hardware behind them, are in README.md.
+Measured results, and the data and hardware behind them, are in docs/exercise_1_1.md.
 
     python exercise_1_1.py                                   # MNIST, downloaded to ./data
     python exercise_1_1.py --dataset fashion_mnist --epochs 30
@@ -19,7 +19,7 @@ from training import train
 config = {
     **COMMON,
     'dataset': 'mnist',             # mnist | fashion_mnist | digits
-    'epochs': 20,                   # val acc flattened after ~15 on Fashion-MNIST (README)
+    'epochs': 20,                   # val acc flattened after ~15 on Fashion-MNIST (docs/exercise_1_1.md)
     'batch_size': 128,              # 422 steps/epoch on MNIST: many updates for a small model
     'optimizer': 'adamw',           # Adam with decoupled weight decay
     'lr': 1e-3,                     # the usual Adam peak; cosine-annealed to 0 per step

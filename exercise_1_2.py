@@ -16,7 +16,7 @@ of every layer on one training batch. Three parts, chosen with --part:
           training, for every study cell: runs/exercise_1_2/grad_norms.png. Exercise 2.1
           (exercise_2_1.py) analyses the same cells four ways.
 
-Measured results, and the data and hardware behind them, are in README.md and docs/exercise_2_1.md.
+Measured results, and the data and hardware behind them, are in docs/exercise_1_2.md and docs/exercise_2_1.md.
 
     python exercise_1_2.py                                   # all three parts on MNIST
     python exercise_1_2.py --part single --model plain --depth 16

@@ -11,7 +11,7 @@ layout) on CIFAR-10 with a short one-cycle SGD schedule, data and augmentation o
 bf16 and channels_last. The aim, from published recipes of this size, is >= 94% test accuracy
 in under 30 s on one H100/H200 — NOT a measurement of this code (no CIFAR-10 and no GPU where
 it was written). What was measured (Fashion-MNIST on a CPU) and the
-commands are in README.md.
+commands are in docs/exercise_1_3.md.
 
 Three parts, chosen with --part (default: single):
   single  one CNN with the full training budget (the default: CIFAR-10, residual).

@@ -24,7 +24,7 @@ handwritten digits?" Test images are real test-split images placed on a larger b
 
 Writes runs/exercise_2_2/<run>/{results.json, detections.png, score_maps.png, pr_curve.png},
 TensorBoard and W&B; the classifier and fine-tune stages are ordinary runs beside it. With
---assets True, the figures are also copied to assets/ex22_*.png. Measured results are in README.md.
+--assets True, the figures are also copied to assets/ex22_*.png. Measured results are in docs/exercise_2_2.md.
 
     python exercise_2_2.py                                     # MNIST, downloaded to ./data
     python exercise_2_2.py --dataset fashion_mnist --data_dir /path/with/FashionMNIST
@@ -92,7 +92,7 @@ config = {
     'timing_threads': 1,            # torch threads while timing ms per canvas (batch 1)
     'box_ablation': True,           # also score each track with raw window boxes and / or without the no-ink rule
     'figure_canvases': 4,           # test canvases drawn with their boxes
-    'assets': False,                # opt-in: also copy the figures to assets_dir/ex22_*.png (the README's)
+    'assets': False,                # opt-in: also copy the figures to assets_dir/ex22_*.png (the docs' figures)
     'assets_dir': 'assets',         # relative to this script's folder unless absolute
 }
 CHOICES = {'dataset': ('mnist', 'fashion_mnist'), 'model': ('cnn', 'mlp')}

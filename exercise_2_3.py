@@ -32,8 +32,8 @@ Faithfulness, per method and for baselines (random: i.i.d. per pixel; random smo
 Writes runs/exercise_2_3/<run>/{cnn,resnet18}_{correct,wrong,faithfulness}.png, results.json
 (faithfulness tables with intervals and `beats_random` / `beats_random_smooth` / `beats_constant` flags),
 TensorBoard and W&B, and, only with `--assets True`, copies the figures to assets/ex23_*.png, the
-README's figures (part 2 only with ImageNet weights); by default the source tree is left alone.
-Measured results (our CNN on Fashion-MNIST, CPU) are in README.md.
+the docs' figures (part 2 only with ImageNet weights); by default the source tree is left alone.
+Measured results (our CNN on Fashion-MNIST, CPU) are in docs/exercise_2_3.md.
 
     python exercise_2_3.py                                   # newest 1.3 checkpoint + ResNet-18
     python exercise_2_3.py --checkpoint runs/exercise_1_3/<run>/checkpoints/best.pt --part cnn
@@ -78,7 +78,7 @@ config = {
     'image_size': 160,              # Imagenette: resize the shorter side, centre crop (px)
     'imagenette_limit': 0,          # Imagenette val images evaluated, evenly spread (0 = all 3,925)
     'resnet_faithfulness_images': 200,  # Imagenette val images scored (66 forwards each per map kind at 32 steps)
-    'assets': False,                # opt-in: also copy the figures to assets_dir/ex23_*.png (the README's)
+    'assets': False,                # opt-in: also copy the figures to assets_dir/ex23_*.png (the docs' figures)
     'assets_dir': 'assets',         # relative to this script's folder unless absolute
 }
 
@@ -345,7 +345,7 @@ def plot_faithfulness(curves: dict, table: dict, title: str, substrate: str):
 
 
 def save_figures(run: Run, figures: dict, config: dict, to_assets: bool) -> list[str]:
-    """Run.log_figures; with to_assets also copied to assets_dir/ex23_<name>.png (the README's)."""
+    """Run.log_figures; with to_assets also copied to assets_dir/ex23_<name>.png (the docs' figures)."""
     return run.log_figures(figures, os.path.join(HERE, config['assets_dir']) if to_assets else None, 'ex23_')
 
 
@@ -549,7 +549,7 @@ def explain_resnet(run: Run, config: dict) -> dict:
 
     layer, fc = model.layer4, model.fc
     hw, warnings = check_maps(model, val.normalize(val.x[:1]), layer, fc, acc, len(classes), config)
-    to_assets = config['assets'] and not random  # random-weight maps never become README figures
+    to_assets = config['assets'] and not random  # random-weight maps never become docs figures
     paths = explain_examples(run, model, val, probs, classes, layer, fc, 'resnet18', f'{label}, Imagenette val',
                              config, to_assets)
     idx = spread(len(val), config['resnet_faithfulness_images']).to(device)

@@ -8,10 +8,10 @@ nothing here imports them, so the import graph has no cycle.
     run.start()          # runs/<exercise>/<name>/: config.json, command.txt, TensorBoard, W&B
     run.log({...}, step); run.log_figure('curves', fig); run.finish(results)
 
-Rules a run keeps (README, "Runs you can trust"):
+Rules a run keeps (docs/usage.md, "Resume rules"):
 - every file is written atomically (atomic_write): a crash leaves the old file or the new one;
 - a fresh run never reuses an existing run directory unless config['overwrite'], and then keeps
-  the old run aside until its own first checkpoint (README, "Run folders");
+  the old run aside until its own first checkpoint (docs/usage.md, "Run folders");
 - a run folder is held by one process at a time (<run>/.lock); run names are plain folder names,
   and nothing is deleted that is not a run folder directly under <runs_dir>/<exercise>/;
 - a write the disk refuses is one line naming the file (cannot_write), never a traceback;
@@ -49,7 +49,7 @@ from config import MAY_CHANGE_ON_RESUME, UserError, check_run_name, plural
 
 try:
     import fcntl  # flock: a claim the kernel drops when its process dies, however it dies
-except ImportError:  # Windows: run folders are not claimed (README, "Run folders")
+except ImportError:  # Windows: run folders are not claimed (docs/usage.md, "Run folders")
     fcntl = None
 
 CHECKPOINT_KEYS = {'model', 'model_class', 'model_args', 'config'}
@@ -139,7 +139,7 @@ def run_dir_of(checkpoint_path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Run folders: what may be deleted, who holds a run (README, "Run folders")
+# Run folders: what may be deleted, who holds a run (docs/usage.md, "Run folders")
 
 LOCK = '.lock'  # <run>/.lock: flock'ed by the process that writes the run; holds "process <pid> on <host>"
 TEMP_FILE = re.compile(r'^\..+\.[a-z0-9_]{8}\.tmp$')  # atomic_write's temp files: .<name>.XXXXXXXX.tmp
@@ -299,7 +299,7 @@ def memory_format(device: torch.device, model: torch.nn.Module, config: dict) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Many processes: torchrun + DistributedDataParallel (README, "Many GPUs")
+# Many processes: torchrun + DistributedDataParallel (docs/many_gpus.md)
 # Without torchrun (no WORLD_SIZE > 1 in the environment) none of this does anything.
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -747,7 +747,7 @@ class Run:
         return path
 
     def log_figures(self, figures: dict, copy_to: str | None = None, prefix: str = '') -> list[str]:
-        """log_figure each; with copy_to (the README's assets/, an explicit opt-in) also copy each
+        """log_figure each; with copy_to (the docs' assets/, an explicit opt-in) also copy each
         PNG there as <prefix><name>.png. Returns every path written."""
         paths = []
         for name, fig in figures.items():

@@ -4,7 +4,7 @@
 and checkpoints every epoch; every exercise and every study cell goes through it. The run's
 record (directory, checkpoints, TensorBoard, W&B) is record.Run.
 
-Under torchrun (README, "Many GPUs") the same loop runs on every process: all ranks draw the
+Under torchrun (docs/many_gpus.md) the same loop runs on every process: all ranks draw the
 same permutation and augmentation for the global batch and each trains on its slice, wrapped
 in DistributedDataParallel; rank 0 alone writes. Without torchrun nothing of that is active.
 """
