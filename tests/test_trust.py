@@ -361,13 +361,13 @@ def test_exercise_2_3_leaves_the_readme_figures_alone_by_default(tmp_path, confi
     assets/ (here a stand-in beside a stand-in script folder) is not touched."""
     import exercise_1_3
     monkeypatch.setattr(ex23, 'HERE', str(tmp_path / 'repo'))
-    model = CNN(1, 10, [4, 8, 8], depth=0)
+    model = CNN(1, 10, [4, 8], depth=0)  # two poolings: 2x2 maps of 8x8 digits
     path = tmp_path / 'cnn.pt'
     torch.save({'model': model.state_dict(), 'model_class': 'CNN', 'model_args': model.args, 'exercise': 'exercise_1_3',
                 'config': {**exercise_1_3.config, 'dataset': 'digits', 'data_dir': config['data_dir']}}, path)
     results = ex23.main({**ex23.config, 'part': 'cnn', 'checkpoint': str(path), 'runs_dir': config['runs_dir'],
                          'wandb': 'off', 'device': 'cpu', 'faithfulness_images': 4, 'faithfulness_steps': 2,
-                         'per_class': [1, 0]}, {})
+                         'per_class': [1, 0], 'min_map_size': 2, 'sensitivity': False}, {})
     assert results['figures'] and all(p.startswith(config['runs_dir']) for p in results['figures'])
     assert not (tmp_path / 'repo').exists()
 
@@ -459,11 +459,17 @@ def test_run_that_fails_before_its_first_checkpoint_leaves_no_directory(config, 
 # Directions and data facts that a flipped sign would break
 
 def test_beats_random_follows_each_metrics_direction():
-    ours = {'deletion_auc': 0.2, 'insertion_auc': 0.8, 'average_drop': 10.0, 'increase_in_confidence': 30.0}
-    worse = {'deletion_auc': 0.3, 'insertion_auc': 0.7, 'average_drop': 20.0, 'increase_in_confidence': 20.0}
-    assert ex23.beats(ours, worse) == dict.fromkeys(ex23.BETTER, True)
-    assert ex23.beats(worse, ours) == dict.fromkeys(ex23.BETTER, False)
-    assert ex23.beats(ours, ours) == dict.fromkeys(ex23.BETTER, False)  # a tie is not a win
+    """explain.compare reads 'better' in each metric's own direction (ex23.BETTER), and a tie is not a win."""
+    from explain import compare
+    n = torch.arange(200, dtype=torch.float64) / 200  # per-image values with some spread
+    ours = {'deletion_auc': 0.2 + 0.01 * n, 'insertion_auc': 0.8 + 0.01 * n, 'average_drop': 10 + n,
+            'increase_in_confidence': 30 + n}
+    worse = {'deletion_auc': 0.3 + 0.01 * n, 'insertion_auc': 0.7 + 0.01 * n, 'average_drop': 20 + n,
+             'increase_in_confidence': 20 + n}
+    verdicts = lambda a, b: {k: compare(a[k], b[k], better)['verdict'] for k, better in ex23.BETTER.items()}
+    assert verdicts(ours, worse) == dict.fromkeys(ex23.BETTER, 'better')
+    assert verdicts(worse, ours) == dict.fromkeys(ex23.BETTER, 'worse')
+    assert verdicts(ours, ours) == dict.fromkeys(ex23.BETTER, 'tie')  # a tie is not a win
 
 
 @pytest.mark.parametrize('dataset, pad, flip', [('cifar10', 4, True), ('fashion_mnist', 3, True),
