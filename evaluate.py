@@ -21,7 +21,8 @@ from torch import nn
 
 import models
 from config import UserError
-from record import Run, all_reduce_sum, is_main, load_checkpoint, memory_format, rank_world, use_amp, write_json
+from record import (Run, all_reduce_sum, is_main, load_checkpoint, memory_format, rank_world, shown_path, use_amp,
+                    write_json)
 
 if TYPE_CHECKING:
     from dataset import Data, Split
@@ -208,8 +209,7 @@ def report(run: Run, model: nn.Module, data: Data, history: list[dict]) -> dict:
     run.log_figure('confusion', plot_confusion(test['confusion'], data.classes,
                                                f"{data.name} test, acc {100 * test['acc']:.2f}%"))
     if not run.quiet:  # a study cell: study.cached_run prints its one line
-        path = run.path('results.json')  # relative under the working directory: the line fits a screen
-        path = os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path
+        path = shown_path(run.path('results.json'))  # relative under the working directory: fits a screen
         print(f"test acc {100 * test['acc']:.2f}% (loss {test['loss']:.4f}) with best.pt from epoch "
               f"{best['best_epoch']} (val acc {100 * best['best_val_acc']:.2f}%) -> {path}")
     run.finish(results)

@@ -90,6 +90,11 @@ def cannot_write(path: str, e: OSError) -> UserError:
     return UserError(f"cannot write {path}: {e.strerror or e}")
 
 
+def shown_path(path: str) -> str:
+    """path relative to the working directory when it lies under it: console lines fit a screen."""
+    return os.path.relpath(path) if os.path.abspath(path).startswith(os.getcwd() + os.sep) else path
+
+
 def write_json(path: str, obj: Any) -> str:
     return atomic_write(path, lambda f: json.dump(obj, f, indent=2), binary=False)
 
@@ -634,7 +639,7 @@ class Run:
         with open(self.path('command.txt'), 'a') as f:
             f.write(' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\n')
         if not self.quiet:
-            print(f"run {self.dir} on {self.device}" + ('' if fresh else f" (resuming {self.config['resume']})"))
+            print(f"run {shown_path(self.dir)} on {self.device}" + ('' if fresh else f" (resuming {self.config['resume']})"))
             changed = {k: v for k, v in self.config.items()
                        if k not in ('resume', 'run_name', 'runs_dir') and self.defaults.get(k, object()) != v}
             if changed:  # the full config is in config.json and --help
@@ -685,7 +690,7 @@ class Run:
                 print(f"W&B {m} init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
                 continue
             if not self.quiet:  # a study cell's caller prints its one line
-                print(f"W&B offline; upload with: wandb sync {os.path.dirname(run.dir)}" if m == 'offline'
+                print(f"W&B offline; upload with: wandb sync {shown_path(os.path.dirname(run.dir))}" if m == 'offline'
                       else f"W&B: {run.url}")
             return run
         print("W&B logging is off for this run")
