@@ -199,6 +199,16 @@ def help_text(config: dict[str, Any], script: str) -> str:
     return f"usage: python {os.path.basename(script)} [--key value ...]\n\n" + "\n".join(rows)
 
 
+def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """main(argv) for the scripts that take paths, not config keys (evaluate.py, report.py): a
+    UserError is one line on stderr and exit code 1."""
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 def cli(main: Callable[[dict[str, Any], dict[str, Any]], Any], config: dict[str, Any],
         argv: list[str] | None = None, choices: dict[str, tuple] | None = None) -> None:
     """Parse argv against config, check() the result, and call main(config, overrides).

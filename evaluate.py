@@ -11,7 +11,6 @@ checkpoint on its test split and records it, with its provenance, in best.evalua
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from config import UserError
+from config import UserError, run_main
 from record import (Run, all_reduce_sum, is_main, load_checkpoint, memory_format, rank_world, shown_path, use_amp,
                     write_json)
 
@@ -245,13 +244,9 @@ def main(argv: list[str]) -> None:
                           'per_class_acc': [round(a, 6) for a in test['per_class_acc']],
                           'provenance': provenance(device, 1, data, started)})
         print(f"-> {path}")
-    except OSError as e:  # a read-only checkpoint folder: the printed line is the result
-        print(f"warning: could not write {path} ({e.strerror})")
+    except UserError as e:  # a read-only checkpoint folder (record.cannot_write): the printed line is the result
+        print(f"warning: {e}; the result above is not recorded")
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -17,9 +17,8 @@ import argparse
 import glob
 import json
 import os
-import sys
 
-from config import UserError
+from config import UserError, run_main
 from record import REPO, atomic_write, copy_file, save_figure
 
 # where and how a run was run and logged: never a "setting that differs"
@@ -168,8 +167,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

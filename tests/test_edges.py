@@ -15,33 +15,17 @@ import textwrap
 import pytest
 import torch
 
-import exercise_1_1
 import exercise_1_2
 import exercise_2_2
 import record
 import study
 import training
-from config import UserError, cli
+from config import UserError
 from record import Run, load_checkpoint
 from study import digest
+from test_trust import argv_of, run_1_1  # exercise 1.1 from the command line, in-process
 
-CHOICES_1_1 = {'dataset': ('mnist', 'fashion_mnist', 'digits')}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def argv_of(config: dict, **extra) -> list[str]:
-    keys = ('dataset', 'hidden', 'dropout', 'epochs', 'batch_size', 'wandb', 'runs_dir', 'data_dir', 'device',
-            'run_name')
-    return [f'--{k}={v}' for k, v in {**{k: config[k] for k in keys}, **extra}.items()]
-
-
-def run_1_1(argv: list[str]) -> int:
-    """exercise_1_1.py as the shell runs it, in-process: its exit code (0 when it returns)."""
-    try:
-        cli(exercise_1_1.main, exercise_1_1.config, argv, choices=CHOICES_1_1)
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def files_under(folder) -> dict:
