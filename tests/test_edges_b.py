@@ -157,7 +157,7 @@ def test_cifar_arrays_are_rebuilt_from_their_bytes(tmp_path):
     write_cifar10(str(tmp_path), arrays, [str(i) for i in range(10)])
     data = load_data({'dataset': 'cifar10', 'data_dir': str(tmp_path), 'val_split': 0.2, 'subset': 0}, 'cpu')
     assert torch.equal(data.test.x, torch.from_numpy(arrays['test'][0]))
-    from dataset import _unpickle
+    from cifar_pickle import unpickle as _unpickle
     path = tmp_path / 'other.pkl'
     values = {b'big': np.arange(6, dtype='>i4').reshape(2, 3), b'f': np.arange(3, dtype='<f8'), b's': np.int64(7)}
     with open(path, 'wb') as f:
