@@ -15,7 +15,7 @@ import netrc
 import os
 import re
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 
 def plural(n: int, word: str) -> str:
@@ -79,17 +79,60 @@ CHOICES: dict[str, tuple] = {
     'wandb': ('online', 'offline', 'off'),
 }
 
-# Where and how a run runs and logs, not what it computes: the one list behind the resume rules
-# (record.Run), a study cell's identity (study.cell_id) and 2.2's stage identities; every other key
-# shapes the result. A resumed run, a resumed study cell or 2.2 stage takes these from the command
-# that resumes it, not from its checkpoint.
-HOW_IT_RUNS = {'resume', 'device', 'amp', 'channels_last', 'compile', 'data_dir', 'runs_dir', 'run_name',
-               'overwrite', 'wandb', 'wandb_project', 'wandb_verbose'}
-# Keys a resumed run may take from the command line although its checkpoint says otherwise: where and
-# how it runs, and `epochs`, which may grow only where the schedule allows (training.train checks).
-# Any other change is refused: the checkpoint's optimizer, scheduler and model state were built from
-# the old values, and config.json must describe what ran.
-MAY_CHANGE_ON_RESUME = HOW_IT_RUNS | {'epochs'}
+# What each key is: the one declaration behind the resume rules (record.Run), a study cell's identity
+# (study.cell_id), 2.2's stage identities and what 2.3 hands on to 1.3 (docs/usage.md, "What a key is").
+# A script declares its own keys' roles in its own ROLE dict; a key declared nowhere is RESULT.
+RUNS = 'runs'            # where and how it runs and logs: never part of what it computes
+THIS_RUN = 'this_run'    # names, claims or resumes this run's folder
+DATA = 'data'            # what it learns from: which data, how much of it, the seed of every random draw
+RECIPE = 'recipe'        # how it is optimised: shapes the result
+SCHEDULE = 'schedule'    # how long: shapes the result, yet a resume may lengthen it (training.train checks)
+RESULT = 'result'        # shapes the result (a script's model keys; the default)
+CHOOSES = 'chooses'      # picks what a script runs (which parts, which depths), not what any one run computes
+STUDY = 'study'          # shapes a script's study cells only, not its single run
+AFTER = 'after'          # read only after training (decoding, scoring, figures)
+
+ROLE: dict[str, str] = {
+    **dict.fromkeys(('device', 'amp', 'channels_last', 'compile', 'data_dir', 'runs_dir', 'wandb', 'wandb_project',
+                     'wandb_verbose'), RUNS),
+    **dict.fromkeys(('run_name', 'resume', 'overwrite'), THIS_RUN),
+    **dict.fromkeys(('dataset', 'subset', 'seed', 'max_steps'), DATA),
+    **dict.fromkeys(('val_split', 'batch_size', 'optimizer', 'lr', 'momentum', 'weight_decay', 'scheduler',
+                     'label_smoothing', 'sync_bn'), RECIPE),
+    'epochs': SCHEDULE,
+    # the depth studies' keys (1.2, 1.3, 2.1), declared here because study.cell_id reads only this table
+    'part': CHOOSES, 'depths': CHOOSES,
+}
+
+
+def keys_with(keys: Iterable[str], *roles: str, declared: dict[str, str] | None = None) -> tuple[str, ...]:
+    """Those of `keys` (in their order) whose role is one of `roles`: the script's `declared` role,
+    else ROLE's, else RESULT."""
+    declared = declared or {}
+    return tuple(k for k in keys if declared.get(k, ROLE.get(k, RESULT)) in roles)
+
+
+# Where and how a run runs, and its folder: a resumed run, study cell or 2.2 stage takes these from
+# the command that resumes it, not from its checkpoint.
+HOW_IT_RUNS = set(keys_with(ROLE, RUNS, THIS_RUN))
+# Keys a resumed run may take from the command line although its checkpoint says otherwise; any other
+# change is refused: the checkpoint's optimizer, scheduler and model were built from the old values.
+# A script adds its own CHOOSES and STUDY keys (resume_may_change).
+MAY_CHANGE_ON_RESUME = set(keys_with(ROLE, RUNS, THIS_RUN, SCHEDULE))
+# Keys left out of a study cell's identity: every other key shapes the cell's result.
+NOT_IDENTITY = set(keys_with(ROLE, RUNS, THIS_RUN, CHOOSES))
+
+
+def resume_may_change(config: dict[str, Any], declared: dict[str, str]) -> tuple[str, ...]:
+    """The script's keys a resumed single run may change besides MAY_CHANGE_ON_RESUME: those that pick
+    what runs or shape only the study cells."""
+    return keys_with(config, CHOOSES, STUDY, declared=declared)
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The values that shape what a run computes (all but NOT_IDENTITY): a cached run's identity."""
+    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+
 
 # What a full, read-only or forbidden disk says: one line naming the file (docs/usage.md, "Run folders")
 DISK_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -1,35 +1,27 @@
-"""Datasets held whole on the training device.
+"""Datasets held whole on the training device, and the registry that says what each one is.
 
-Every small dataset is read once into a uint8 tensor (N, C, H, W) on the device. Batches are
-slices of an index permutation; conversion to float, augmentation and normalisation run on
-whole batches on the device. There is no per-sample PIL / DataLoader path: for data this
-small that path, not the model, is what limits training speed.
-
-On-disk layout is torchvision's, so an existing torchvision download is reused:
-  <data_dir>/MNIST/raw/*-idx?-ubyte[.gz]   <data_dir>/FashionMNIST/raw/...
-  <data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}   (python pickles)
-A --data_dir holding the four IDX files loose (Debian's /usr/share/datasets/fashion-mnist/) works
-too. Missing files are downloaded with torchvision's utilities, which verify MD5 checksums; a
-failed download leaves --data_dir as it was (no empty folders).
-
-With config['augment'], the train split is augmented per batch on the device (random crop
-with zero padding, and a horizontal flip where mirrored images keep their label).
+DATASETS maps a --dataset name to its loader, classes, shape, flip invariance, background and the
+per-script defaults it needs; every script's choices read it (docs/usage.md, "Data"). load_data puts
+the train / val / test splits on the device as uint8 tensors; batches are index slices, augmented
+and normalised there. Files use torchvision's layout, are downloaded with its MD5-checked
+utilities, and IDX files are checked against the MD5s of the real ones (`Data.canonical`).
 """
 from __future__ import annotations
 
+import functools
 import gzip
-import math
-import zlib
+import hashlib
 import os
-import pickle
 import shutil
+import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from cifar_pickle import unpickle
 from config import UserError
 
 SPLIT_SEED = 0  # the train/val split is fixed, whatever the run's seed, so runs compare on one val set
@@ -73,6 +65,7 @@ class Data:
     val: Split
     test: Split
     classes: list[str] = field(default_factory=list)
+    canonical: bool | None = None  # its files are the real ones (known MD5s); None: nothing to check them against
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -93,15 +86,40 @@ IDX_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
              'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
 
 
-def read_idx(path: str) -> np.ndarray:
-    """An IDX file (gzipped or not) as a numpy array; the format of MNIST and Fashion-MNIST."""
+_MD5: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> MD5 of the uncompressed bytes
+
+
+def _version(path: str) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
+def _read_bytes(path: str) -> bytes:
+    """The bytes an IDX file holds (a .gz uncompressed); their MD5 is remembered for idx_md5."""
     opener = gzip.open if path.endswith('.gz') else open
+    version = _version(path)
     try:
         with opener(path, 'rb') as f:
             raw = f.read()
     except (EOFError, OSError, zlib.error) as e:  # a download cut short leaves a truncated .gz
         raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}), as an interrupted download "
                         f"leaves it; delete it and run again to download it") from None
+    if version not in _MD5:
+        _MD5[version] = hashlib.md5(raw).hexdigest()
+    return raw
+
+
+def idx_md5(path: str) -> str:
+    """MD5 of an IDX file's uncompressed bytes, computed once per process per file version."""
+    version = _version(path)
+    if version not in _MD5:
+        _read_bytes(path)
+    return _MD5[version]
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (gzipped or not) as a numpy array; the format of MNIST and Fashion-MNIST."""
+    raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise UserError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
@@ -156,8 +174,8 @@ def _download(dataset_cls, raw_dir: str, missing: list[str]) -> None:
                 f"holding {dataset_cls.__name__}/raw/ or the four .gz files. {OFFLINE_HINT}")
 
 
-def load_idx_dataset(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{'train': (images (N, 28, 28), labels (N,)), 'test': ...} for mnist or fashion_mnist."""
+def load_idx_dataset(name: str, data_dir: str) -> dict[str, Any]:
+    """{'train': (images (N, 28, 28), labels (N,)), 'test': ..., 'canonical': bool} for mnist or fashion_mnist."""
     from torchvision.datasets import MNIST, FashionMNIST
     dataset_cls = {'mnist': MNIST, 'fashion_mnist': FashionMNIST}[name]
     stems = [s for pair in IDX_FILES.values() for s in pair]
@@ -174,11 +192,35 @@ def load_idx_dataset(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np
         if len(x) != len(y):
             raise UserError(f"{raw_dir}: {len(x)} {split} images but {len(y)} labels")
         out[split] = (x, y)
+    out['canonical'] = check_canonical(name, raw_dir)
     return out
 
 
-def load_digits_dataset() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16), split 80/20 with a fixed seed."""
+_SAID: set = set()  # (dataset, file versions) already said non-canonical in this process
+
+
+def check_canonical(name: str, raw_dir: str) -> bool | None:
+    """Whether raw_dir's IDX files are the real `name` (their uncompressed MD5s); if not, one line says
+    so (whose files they are, when known) and the run goes on: Data.canonical records it."""
+    if not DATASETS[name].md5:
+        return None
+    paths = {stem: _find(raw_dir, stem) for pair in IDX_FILES.values() for stem in pair}
+    found = {stem: idx_md5(path) for stem, path in paths.items()}
+    differ = [stem for stem, md5 in found.items() if DATASETS[name].md5.get(stem) != md5]
+    said = (name, tuple(_version(p) for p in paths.values()))
+    if differ and said not in _SAID and int(os.environ.get('RANK', '0')) == 0:
+        _SAID.add(said)
+        owner = next((other for other, info in DATASETS.items() if other != name and info.md5 == found), None)
+        which = '' if len(differ) == len(found) else f" ({', '.join(differ)})"
+        what = f"holds {owner}'s files, not {name}'s" if owner else f"holds files that are not {name}'s{which}"
+        shown = raw_dir if os.path.relpath(raw_dir).startswith('..') else os.path.relpath(raw_dir)
+        print(f"{name}: {shown} {what} (MD5); the run goes on, recorded as canonical: false")
+    return not differ
+
+
+def load_digits_dataset(data_dir: str = '') -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16), split 80/20 with a fixed seed;
+    no files, so data_dir is not read."""
     from sklearn.datasets import load_digits
     d = load_digits()
     x = np.clip(d.images * 16, 0, 255).astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
@@ -194,116 +236,6 @@ def load_digits_dataset() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 CIFAR_BATCHES = {'train': [f'data_batch_{i}' for i in range(1, 6)], 'test': ['test_batch']}
 CIFAR_META = 'batches.meta'
-
-
-class _Dtype:
-    """A numpy dtype as a CIFAR file describes it, checked before numpy sees it: a plain number of
-    1 to 8 bytes (|u1, <i8, <f4, ...). A structured, sub-array or object dtype, or any flags, is
-    refused: numpy would otherwise rebuild whatever dtype state the file chose."""
-    CODES = {'b1', 'u1', 'u2', 'u4', 'u8', 'i1', 'i2', 'i4', 'i8', 'f2', 'f4', 'f8'}
-
-    def __init__(self, code, align=False, copy=True):
-        code = code.decode('ascii', 'replace') if isinstance(code, bytes) else code
-        if code not in self.CODES:
-            raise pickle.UnpicklingError(f"dtype {code!r} is not a plain numeric dtype")
-        self.code, self.order = code, '|'
-
-    def __setstate__(self, state):
-        # numpy's dtype state: (version, byte order, subarray, names, fields, elsize, alignment, flags)
-        plain = isinstance(state, tuple) and len(state) == 8 and state[2:] == (None, None, None, -1, -1, 0)
-        order = state[1] if plain else None
-        order = order.decode('latin1') if isinstance(order, bytes) else order
-        if order not in ('<', '>', '|', '='):
-            raise pickle.UnpicklingError(f"dtype {self.code!r} comes with a state that is not a plain numeric dtype's")
-        self.order = order
-
-    def numpy(self) -> np.dtype:
-        return np.dtype(('|' if self.code[1] == '1' else self.order.replace('|', '=')) + self.code)
-
-
-class _Array:
-    """numpy's _reconstruct, rebuilt: the array is made from its bytes with np.frombuffer and a
-    checked _Dtype, never from numpy's own pickle path."""
-
-    def __init__(self, cls, shape, typecode):
-        if cls is not _NDARRAY:
-            raise pickle.UnpicklingError("_reconstruct of something other than numpy.ndarray")
-        self.array = None
-
-    def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) in (4, 5)):
-            raise pickle.UnpicklingError("an array state that is not (shape, dtype, fortran, data)")
-        shape, dtype, fortran, raw = state[-4:]
-        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
-                and isinstance(dtype, _Dtype) and isinstance(raw, bytes) and fortran in (0, 1)):
-            raise pickle.UnpicklingError("an array state that is not (shape, plain dtype, fortran, bytes)")
-        dt = dtype.numpy()
-        if len(raw) != math.prod(shape) * dt.itemsize:  # exact (Python ints): no overflow to match
-            raise pickle.UnpicklingError(f"array of shape {shape} and dtype {dt} with {len(raw)} bytes")
-        self.array = np.frombuffer(raw, dtype=dt).reshape(shape, order='F' if fortran else 'C').copy()
-
-
-def _scalar(dtype, raw):
-    if not (isinstance(dtype, _Dtype) and isinstance(raw, bytes) and len(raw) == dtype.numpy().itemsize):
-        raise pickle.UnpicklingError("a numpy scalar that is not a plain number")
-    return np.frombuffer(raw, dtype=dtype.numpy())[0]
-
-
-def _latin1(text, encoding='utf-8'):
-    """_codecs.encode as protocol-2 pickles of Python 3 bytes use it: latin-1 only."""
-    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
-        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
-    return text.encode('latin1')
-
-
-_NDARRAY = object()  # stands for numpy.ndarray, which only ever reaches _Array
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles only what the real CIFAR files hold: dicts, lists, strings, numbers and numpy
-    arrays of plain numbers. No numpy code sees the file: its arrays are rebuilt by _Array, _Dtype
-    and _scalar above from bytes. Any other global (os.system, builtins.eval, ...) is refused."""
-    STANDINS = {'_reconstruct': _Array, 'scalar': _scalar}
-
-    def find_class(self, module: str, name: str):
-        if module in ('numpy.core.multiarray', 'numpy._core.multiarray') and name in self.STANDINS:
-            return self.STANDINS[name]
-        if (module, name) == ('numpy', 'ndarray'):
-            return _NDARRAY
-        if (module, name) == ('numpy', 'dtype'):
-            return _Dtype
-        if (module, name) == ('_codecs', 'encode'):
-            return _latin1
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR file")
-
-
-def _plain(obj):
-    """The unpickled object with every _Array replaced by its numpy array."""
-    if isinstance(obj, _Array):
-        if obj.array is None:
-            raise pickle.UnpicklingError("an array without its data")
-        return obj.array
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj)
-    if isinstance(obj, _Dtype):
-        raise pickle.UnpicklingError("a bare dtype")
-    return obj
-
-
-def _unpickle(path: str) -> dict:
-    """A CIFAR pickle, written by Python 2: keys come back as str whichever way it was written.
-    Loaded with _CifarUnpickler, so a tampered file cannot run code."""
-    with open(path, 'rb') as f:
-        try:
-            d = _plain(_CifarUnpickler(f, encoding='bytes').load())  # py2 str -> bytes, as the CIFAR page loads it
-        except Exception as e:  # noqa: BLE001 - truncated, not a pickle, a forbidden global or dtype
-            raise UserError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e}); "
-                            f"delete it to download it again") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{path} is not a CIFAR batch (a pickled dict)")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
 def load_cifar10(data_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
@@ -327,7 +259,7 @@ def load_cifar10(data_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
         xs, ys = [], []
         for name in files:
             path = os.path.join(folder, name)
-            d = _unpickle(path)
+            d = unpickle(path)
             x, y = np.asarray(d.get('data')), np.asarray(d.get('labels'), dtype=np.int64)
             if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
                 raise UserError(f"{path}: expected 'data' (N, 3072) uint8 and N 'labels', "
@@ -335,8 +267,75 @@ def load_cifar10(data_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
             xs.append(x.reshape(-1, 3, 32, 32))  # rows are R, G, B planes of 32x32: (N, C, H, W)
             ys.append(y)
         out[split] = (np.concatenate(xs), np.concatenate(ys))
-    names = _unpickle(os.path.join(folder, CIFAR_META))['label_names']
+    names = unpickle(os.path.join(folder, CIFAR_META))['label_names']
     return out, [c.decode() if isinstance(c, bytes) else c for c in names]
+
+
+def load_cifar10_arrays(data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return load_cifar10(data_dir)[0]  # the class names are the registry's (the real batches.meta has the same)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: what each --dataset is. Adding a dataset is one entry here and one loader above.
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    loader: Callable[[str], dict[str, Any]]  # data_dir -> {'train': (x, y), 'test': (x, y)[, 'canonical': bool]}
+    classes: list[str]                       # label i is classes[i]
+    channels: int                            # x is (N, channels, size, size) uint8, or (N, size, size) for 1
+    size: int                                # px, square
+    flip_invariant: bool                     # a mirrored image keeps its label (augmentation may flip)
+    background: str                          # 'black': objects on black, black means "nothing there"; 'natural'
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # {script: {key: value}} where its own do not fit
+    md5: dict[str, str] = field(default_factory=dict)  # {file: MD5 of its uncompressed bytes} of the real files
+
+
+# Exercise 1.3's values where its CIFAR-10 recipe does not fit, applied to the keys not given on the command
+# line (with_defaults); 1.3's --help comments repeat them. Measured on a CPU (docs/exercise_1_3.md,
+# "Per-dataset defaults"): on digits (8x8 px, 3 steps per epoch) the CIFAR recipe diverged in epoch 3
+# (21.73%), and two stages keep the 2x2 maps 2.3 explains; on Fashion-MNIST it diverged in short runs
+# (peak lr 0.2 at batch 512): the 28 px sets take the recipe measured at 93.57% on Fashion-MNIST.
+# A resumed run keeps its checkpoint's config; a study cell's id hashes the config after these.
+CNN_28PX = {'widths': [32, 64, 128], 'epochs': 15, 'batch_size': 128, 'lr': 0.1, 'label_smoothing': 0.1}
+CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+
+DATASETS: dict[str, DatasetInfo] = {
+    'mnist': DatasetInfo(
+        functools.partial(load_idx_dataset, 'mnist'), MNIST_CLASSES, channels=1, size=28, flip_invariant=False,
+        background='black', defaults={'exercise_1_3': CNN_28PX},
+        md5={'train-images-idx3-ubyte': '6bbc9ace898e44ae57da46a324031adb',  # MNIST's own four files
+             'train-labels-idx1-ubyte': 'a25bea736e30d166cdddb491f175f624',
+             't10k-images-idx3-ubyte': '2646ac647ad5339dbf082846283269ea',
+             't10k-labels-idx1-ubyte': '27ae3e4e09519cfbb04c329615203637'}),
+    'fashion_mnist': DatasetInfo(
+        functools.partial(load_idx_dataset, 'fashion_mnist'), FASHION_CLASSES, channels=1, size=28,
+        flip_invariant=True, background='black', defaults={'exercise_1_3': CNN_28PX},
+        md5={'train-images-idx3-ubyte': 'f4a8712d7a061bf5bd6d2ca38dc4d50a',  # Zalando's files (Debian's package)
+             'train-labels-idx1-ubyte': '9018921c3c673c538a1fc5bad174d6f9',
+             't10k-images-idx3-ubyte': '8181f5470baa50b63fa0f6fddb340f0a',
+             't10k-labels-idx1-ubyte': '15d484375f8d13e6eb1aabb0c3f46965'}),
+    'digits': DatasetInfo(
+        load_digits_dataset, MNIST_CLASSES, channels=1, size=8, flip_invariant=False,
+        background='black',
+        defaults={'exercise_1_3': {'widths': [32, 64], 'study_widths': [32, 64], 'batch_size': 128, 'lr': 0.05}}),
+    'cifar10': DatasetInfo(load_cifar10_arrays, CIFAR10_CLASSES, channels=3, size=32, flip_invariant=True,
+                           background='natural'),
+}
+
+
+def dataset_names(channels: int | None = None, size: int | None = None) -> tuple[str, ...]:
+    """The registered datasets, those with `channels` and `size` only when given: a script's --dataset choices."""
+    return tuple(name for name, info in DATASETS.items()
+                 if channels in (None, info.channels) and size in (None, info.size))
+
+
+def with_defaults(script: str, config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """config with the dataset's defaults for `script` on every key the user did not give, said in one line."""
+    own = {k: v for k, v in DATASETS[config['dataset']].defaults.get(script, {}).items() if k not in overrides}
+    if own and not config['resume']:
+        print(f"{config['dataset']}: " + ' '.join(f'{k}={v!r}' for k, v in own.items())
+              + f" (dataset.DATASETS, {script}'s defaults; a flag overrides any)")
+    return {**config, **own}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,8 +371,6 @@ class Augment:
         return random_flip(x, generator) if self.flip else x
 
 
-FLIP_INVARIANT = {'fashion_mnist', 'cifar10'}  # a mirrored digit is not a digit; a mirrored shoe is a shoe
-
 
 # ---------------------------------------------------------------------------------------------
 # Assembling the splits
@@ -405,19 +402,13 @@ def load_data(config: dict, device: torch.device | str) -> Data:
     val is a fixed random `val_split` fraction of the official training set (SPLIT_SEED), so
     model selection never sees the test split. `subset` caps every split (smoke runs).
     config.get('augment') augments the train split: a random crop with padding H // 8 (4 for
-    CIFAR's 32 px, 3 for 28 px, 1 for digits' 8 px) and, for FLIP_INVARIANT datasets, a flip.
+    CIFAR's 32 px, 3 for 28 px, 1 for digits' 8 px) and, for flip_invariant datasets, a flip.
     """
     name = config['dataset']
-    if name in ('mnist', 'fashion_mnist'):
-        arrays = load_idx_dataset(name, config['data_dir'])
-        classes = MNIST_CLASSES if name == 'mnist' else FASHION_CLASSES
-    elif name == 'digits':
-        arrays, classes = load_digits_dataset(), MNIST_CLASSES
-    elif name == 'cifar10':
-        arrays, classes = load_cifar10(config['data_dir'])
-    else:
-        raise UserError(f"unknown dataset {name!r}; choose mnist, fashion_mnist, digits or cifar10")
-
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} (dataset.DATASETS)")
+    info = DATASETS[name]
+    arrays = info.loader(config['data_dir'])
     x_train, y_train = arrays['train']
     x_test, y_test = arrays['test']
     if x_train.ndim == 3:  # (N, H, W) -> (N, 1, H, W)
@@ -439,10 +430,9 @@ def load_data(config: dict, device: torch.device | str) -> Data:
 
     train = split(x_train[train_idx], y_train[train_idx])
     if config.get('augment', False):
-        train.augment = Augment(pad=x_train.shape[2] // 8, flip=name in FLIP_INVARIANT)
-    return Data(name=name, classes=classes, train=train,
-                val=split(x_train[val_idx], y_train[val_idx]),
-                test=split(x_test, y_test))
+        train.augment = Augment(pad=x_train.shape[2] // 8, flip=info.flip_invariant)
+    return Data(name=name, classes=list(info.classes), train=train, val=split(x_train[val_idx], y_train[val_idx]),
+                test=split(x_test, y_test), canonical=arrays.get('canonical'))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Measured results, and the data and hardware behind them, are in docs/exercise_1_
     python exercise_1_1.py --help                            # every key, default and reason
 """
 from config import COMMON, cli
-from dataset import load_data
+from dataset import dataset_names, load_data
 from evaluate import report
 from models import MLP
 from record import Run
@@ -43,4 +43,4 @@ def main(config: dict, overrides: dict) -> dict:
 
 
 if __name__ == '__main__':
-    cli(main, config, choices={'dataset': ('mnist', 'fashion_mnist', 'digits')})
+    cli(main, config, choices={'dataset': dataset_names(channels=1)})

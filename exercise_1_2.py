@@ -25,13 +25,12 @@ Measured results, and the data and hardware behind them, are in docs/exercise_1_
     python exercise_1_2.py --help                            # every key, default and reason
 """
 
-from config import COMMON, UserError, cli, plural
-from dataset import Data
+from config import COMMON, STUDY, UserError, cli, plural, resume_may_change
+from dataset import Data, dataset_names
 from models import INITS, MLP, SkipMLP
 from study import run_parts, train_run
 
 EXERCISE = 'exercise_1_2'
-STUDY_KEYS = ('part', 'depths', 'study_width', 'study_epochs', 'study_init', 'study_dropout')  # a resumed single run may change these
 
 config = {
     **COMMON,
@@ -60,6 +59,8 @@ config = {
     'study_init': 'he',             # init of every study cell: the same principled init for both models
     'study_dropout': 0.0,           # dropout of every study cell: 3 epochs are not about regularisation, and dropout on a plain net's main path compounds with depth
 }
+ROLE = dict.fromkeys(('study_width', 'study_epochs', 'study_init', 'study_dropout'), STUDY)  # config.ROLE: the rest
+STUDY_KEYS = resume_may_change(config, ROLE)  # a resumed single run may change these
 
 
 def study_config(config: dict) -> dict:
@@ -95,5 +96,5 @@ def main(config: dict, overrides: dict) -> None:
                     f"init {study['init']}, dropout {study['dropout']}")
 
 if __name__ == '__main__':
-    cli(main, config, choices={'dataset': ('mnist', 'fashion_mnist', 'digits'), 'part': ('single', 'study', 'grads', 'all'),
+    cli(main, config, choices={'dataset': dataset_names(channels=1), 'part': ('single', 'study', 'grads', 'all'),
                                'model': ('plain', 'residual'), 'init': INITS, 'study_init': INITS})

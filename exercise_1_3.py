@@ -32,22 +32,21 @@ evaluate.load_model(path) rebuilds it, model.features gives the final feature ma
 model.classifier the linear head.
 
     python exercise_1_3.py                                     # CIFAR-10, downloaded to ./data
-    python exercise_1_3.py --dataset fashion_mnist             # its own recipe: DATASET_DEFAULTS below
+    python exercise_1_3.py --dataset fashion_mnist             # its own recipe: dataset.DATASETS
     python exercise_1_3.py --part study --dataset fashion_mnist --subset 10000
     python exercise_1_3.py --help                                 # every key, default and reason
 """
 
-from config import COMMON, UserError, cli, plural
-from dataset import Data
+from config import COMMON, STUDY, UserError, cli, plural, resume_may_change
+from dataset import Data, dataset_names, with_defaults
 from models import CNN, INITS
 from study import run_parts, train_run
 
 EXERCISE = 'exercise_1_3'
-STUDY_KEYS = ('part', 'depths', 'study_widths', 'study_epochs', 'study_init')  # a resumed single run may change these
 
 config = {
     **COMMON,
-    'dataset': 'cifar10',           # cifar10 | fashion_mnist | mnist | digits; the last three change keys below (DATASET_DEFAULTS)
+    'dataset': 'cifar10',           # cifar10 | fashion_mnist | mnist | digits; the last three change keys below (dataset.DATASETS)
     'augment': True,                # train split: random crop (pad H//8, zeros) + flip (cifar10, fashion_mnist)
     # model
     'part': 'single',               # single | study | grads | all
@@ -75,29 +74,13 @@ config = {
     'study_epochs': 10,             # epochs per study cell: the same budget for both models
     'study_init': 'he',             # init of every study cell: the same principled init for both models
 }
-
-# Where the CIFAR-10 recipe above does not fit, a dataset's own values, applied (main) to the keys
-# not given on the command line; the comments above repeat them for --help. Measured on a CPU
-# (docs/exercise_1_3.md, "Per-dataset defaults"): on digits (1,293 images of 8x8 px: 3 steps per
-# epoch, three poolings down to 1x1 maps) the CIFAR recipe diverged in epoch 3 and scored 21.73%;
-# two stages keep 2x2 maps (exercise 2.3 explains them). On Fashion-MNIST it diverged in short
-# runs (peak lr 0.2 at batch 512); the 28 px sets take the recipe measured at 93.57% on Fashion-MNIST.
-# A resumed run keeps its checkpoint's config; a study cell's id hashes the config after these.
-FASHION = {'widths': [32, 64, 128], 'epochs': 15, 'batch_size': 128, 'lr': 0.1, 'label_smoothing': 0.1}
-DATASET_DEFAULTS = {
-    'fashion_mnist': FASHION,
-    'mnist': FASHION,
-    'digits': {'widths': [32, 64], 'study_widths': [32, 64], 'batch_size': 128, 'lr': 0.05},
-}
+ROLE = dict.fromkeys(('study_widths', 'study_epochs', 'study_init'), STUDY)  # config.ROLE: the rest
+STUDY_KEYS = resume_may_change(config, ROLE)  # a resumed single run may change these
 
 
 def with_dataset_defaults(config: dict, overrides: dict) -> dict:
-    """config with DATASET_DEFAULTS[config['dataset']] for every key the user did not give."""
-    own = {k: v for k, v in DATASET_DEFAULTS.get(config['dataset'], {}).items() if k not in overrides}
-    if own and not config['resume']:
-        print(f"{config['dataset']}: " + ' '.join(f'{k}={v!r}' for k, v in own.items())
-              + " (exercise_1_3.DATASET_DEFAULTS; a flag overrides any)")
-    return {**config, **own}
+    """config with the dataset's defaults for 1.3 (dataset.DATASETS) for every key the user did not give."""
+    return with_defaults(EXERCISE, config, overrides)
 
 
 def study_config(config: dict) -> dict:
@@ -131,6 +114,6 @@ def main(config: dict, overrides: dict) -> None:
                     f"init {study['init']}")
 
 if __name__ == '__main__':
-    cli(main, config, choices={'dataset': ('cifar10', 'fashion_mnist', 'mnist', 'digits'),
+    cli(main, config, choices={'dataset': dataset_names(),
                                'part': ('single', 'study', 'grads', 'all'), 'model': ('plain', 'residual'),
                                'init': INITS, 'study_init': INITS})

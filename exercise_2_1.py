@@ -35,7 +35,7 @@ import exercise_1_2
 import exercise_1_3
 from analysis import head, landscape, lesion_study, shattering, calibrate_batchnorm
 from config import UserError, cli
-from dataset import load_data
+from dataset import dataset_names, load_data
 from evaluate import load_model, pyplot
 from record import pick_device, save_figure, write_json
 from study import cell_config, cell_dir, cell_id, gradient_study, plot_grad_norms, print_grad_summary, run_study
@@ -324,5 +324,5 @@ def plot_shattering(shatter: dict, title: str):
 
 if __name__ == '__main__':
     cli(main, config, choices={'part': (*PARTS, 'all'), 'study': tuple(STUDIES),
-                               'dataset': ('mnist', 'fashion_mnist', 'digits', 'cifar10'),
+                               'dataset': dataset_names(),
                                'wandb': ('online', 'offline', 'off')})

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 import detect
-from config import COMMON, HOW_IT_RUNS, UserError, cli
-from dataset import Data, Split, load_data
+from config import AFTER, CHOOSES, COMMON, DATA, RECIPE, RESULT, UserError, cli, keys_with
+from dataset import Data, Split, dataset_names, load_data
 from evaluate import check_model_on_data, load_model
 from models import CNN, MLP
 from record import Run, write_json
@@ -95,20 +95,23 @@ config = {
     'assets': False,                # opt-in: also copy the figures to assets_dir/ex22_*.png (the docs' figures)
     'assets_dir': 'assets',         # relative to this script's folder unless absolute
 }
-CHOICES = {'dataset': ('mnist', 'fashion_mnist'), 'model': ('cnn', 'mlp')}
+CHOICES = {'dataset': dataset_names(channels=1, size=28), 'model': ('cnn', 'mlp')}
 
-# The keys that shape each training stage: a finished stage run with the same values is reused.
-CLASSIFIER_KEYS = ('dataset', 'model', 'widths', 'depth', 'hidden', 'dropout', 'augment', 'epochs', 'batch_size',
-                   'optimizer', 'lr', 'momentum', 'weight_decay', 'scheduler', 'label_smoothing', 'seed', 'subset',
-                   'val_split', 'max_steps')
-# The fine-tune's identity is the classifier's file digest plus every key but these: where and how it
-# runs (config.HOW_IT_RUNS), the classifier's own keys (its digest stands for them) and the keys read
-# only after training (decoding, the val/test canvases, timing, figures).
-NOT_FINETUNE = HOW_IT_RUNS | {'checkpoint', 'model', 'widths', 'depth', 'hidden', 'dropout', 'augment', 'epochs', 'lr',
-                              'test_canvases', 'val_canvases', 'score_threshold', 'min_score', 'nms_iou',
-                              'agnostic_iou', 'refine_margin', 'timing_threads', 'figure_canvases', 'assets',
-                              'assets_dir'}
-FINETUNE_KEYS = tuple(k for k in config if k not in NOT_FINETUNE)
+# What each key shapes (config.ROLE for the rest): a finished stage run with the same values is reused. The
+# fine-tune's identity is the classifier's file digest plus the shared data and recipe keys and its own
+# (RESULT: every key declared nowhere); decoding, scoring and figures are read only after training.
+CLASSIFIER, FINETUNE = 'classifier', 'finetune'
+# checkpoint picks the classifier (its file digest stands for it). sync_bn (no effect in one process) and
+# box_ablation (read after training) have been in the fine-tune's identity since the first records: kept there.
+ROLE = {
+    'checkpoint': CHOOSES,
+    **dict.fromkeys(('model', 'widths', 'depth', 'hidden', 'dropout', 'augment', 'epochs', 'lr'), CLASSIFIER),
+    **dict.fromkeys(('sync_bn', 'box_ablation'), FINETUNE),
+    **dict.fromkeys(('test_canvases', 'val_canvases', 'score_threshold', 'min_score', 'nms_iou', 'agnostic_iou',
+                     'refine_margin', 'timing_threads', 'figure_canvases', 'assets', 'assets_dir'), AFTER),
+}
+CLASSIFIER_KEYS = keys_with(config, DATA, RECIPE, CLASSIFIER, declared=ROLE)
+FINETUNE_KEYS = keys_with(config, DATA, RECIPE, FINETUNE, RESULT, declared=ROLE)
 CLASSIFIER_CHECKPOINT = ("a 10-class models.CNN or models.MLP trained on 28x28 mnist or fashion_mnist (a best.pt of "
                          "exercise 1.1 or 1.3, or of 2.2's classifier stage)")
 TRACKS = {'zero_shot': 'A: zero-shot (surgery only)', 'background': 'B: + background class'}

@@ -48,8 +48,8 @@ import textwrap
 import torch
 from torch import Tensor, nn
 
-from config import COMMON, UserError, cli
-from dataset import Split, load_data, load_imagenette, spread
+from config import COMMON, DATA, RUNS, SCHEDULE, UserError, cli, keys_with
+from dataset import DATASETS, Split, dataset_names, load_data, load_imagenette, spread
 from evaluate import check_model_on_data, load_model, pyplot
 from explain import (SUBSTRATES, average_drop_increase, blur_sigma, bootstrap_ci, cam, compare,
                      deletion_insertion_auc, grad_cam, grad_cam_pp, overlay, predict, random_maps, substrate_fns)
@@ -91,11 +91,11 @@ BETTER = {'deletion_auc': 'lower', 'insertion_auc': 'higher',  # how each metric
 DEL_INS, AD_IC = ('deletion_auc', 'insertion_auc'), ('average_drop', 'increase_in_confidence')
 MARK = {'better': '+', 'worse': '-', 'tie': '='}
 SHORT = {'black': 'removed = black, insertion from black', 'rise': 'removed = mean colour, insertion from a blur'}
-BLACK_BACKGROUND = ('mnist', 'fashion_mnist', 'digits')  # objects on black: black is "nothing there"
+BLACK_BACKGROUND = tuple(name for name, info in DATASETS.items() if info.background == 'black')  # black: "nothing there"
 
-# Keys handed on to exercise 1.3 when it must train a checkpoint first: data, system, smoke size.
-FORWARD_TO_1_3 = ('dataset', 'data_dir', 'subset', 'epochs', 'max_steps', 'device', 'seed', 'amp', 'channels_last', 'compile',
-                  'runs_dir', 'wandb', 'wandb_project')
+# Keys handed on to exercise 1.3 when it must train a checkpoint first: data, seed, smoke size, where and how it
+# runs (config.ROLE); 1.3 keeps its own recipe and run folder, and W&B's console stays quiet there.
+FORWARD_TO_1_3 = tuple(k for k in keys_with(COMMON, DATA, SCHEDULE, RUNS) if k != 'wandb_verbose')
 
 # Imagenette's ten wnids (sorted, = its labels) as ImageNet-1k class indices: tench, English
 # springer, cassette player, chain saw, church, French horn, garbage truck, gas pump, golf ball,
@@ -628,4 +628,4 @@ def main(config: dict, overrides: dict) -> dict:
 if __name__ == '__main__':
     cli(main, config, choices={'part': ('cnn', 'resnet', 'all'), 'weights': ('imagenet', 'random'),
                                'substrate': ('auto', 'black', 'rise'),
-                               'dataset': ('cifar10', 'fashion_mnist', 'mnist', 'digits')})
+                               'dataset': dataset_names()})

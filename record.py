@@ -900,7 +900,8 @@ def data_fingerprint(data) -> dict:
     dataset.Data, or a fingerprint already made (a dict, passed through)."""
     if isinstance(data, dict):
         return data
-    return {'dataset': data.name, **{name: split_fingerprint(getattr(data, name)) for name in ('train', 'val', 'test')}}
+    return {'dataset': data.name, **({} if getattr(data, 'canonical', None) is None else {'canonical': data.canonical}),
+            **{name: split_fingerprint(getattr(data, name)) for name in ('train', 'val', 'test')}}
 
 
 def split_fingerprint(split) -> dict:

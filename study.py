@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from config import HOW_IT_RUNS, UserError
+from config import HOW_IT_RUNS, UserError, identity
 from dataset import Data, load_data
 from evaluate import evaluate, integer_ticks, load_model, plain_log_labels, pyplot, report
 from record import (Run, atomic_write, barrier, init_distributed, is_main, load_checkpoint, log_tables,
@@ -43,9 +43,6 @@ from training import train
 BuildModel = Callable[[dict, Data], nn.Module]  # (config with 'model' and 'depth', data) -> model
 CSV_COLUMNS = ['model', 'depth', 'width', 'params', 'best_val_acc', 'test_acc', 'final_train_loss',
                'clean_train_loss', 'clean_train_acc', 'train_seconds', 'cell']
-# Keys that do not change what a cell computes: where and how it runs and logs (config.HOW_IT_RUNS),
-# and the study's own choice of parts and depths. Every other key is part of the cell's identity.
-NOT_IDENTITY = HOW_IT_RUNS | {'part', 'depths'}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +75,8 @@ def digest(obj) -> str:
 
 
 def cell_id(cell: dict) -> str:
-    """The digest of every key that shapes the cell's result (not NOT_IDENTITY)."""
-    return digest({k: v for k, v in cell.items() if k not in NOT_IDENTITY})
+    """The digest of every key that shapes the cell's result (config.identity)."""
+    return digest(identity(cell))
 
 
 def cached_run(exercise: str, config: dict, run_name: str, build_model: BuildModel,

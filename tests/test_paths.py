@@ -10,7 +10,7 @@ import torch
 
 import training
 from config import UserError, cli, help_text, parse_args
-from dataset import load_cifar10, load_data, load_idx_dataset
+from dataset import DATASETS, load_cifar10, load_data, load_idx_dataset
 from evaluate import report
 from models import MLP
 from record import Run, load_checkpoint
@@ -29,11 +29,11 @@ def test_exercise_1_3_on_digits_learns_with_its_defaults_and_keeps_2x2_maps(tmp_
     # the CIFAR-10 recipe (lr 0.2, batch 512, 8x8 -> 1x1 maps) diverged here (docs/exercise_1_3.md); 3 epochs: short
     cli(exercise_1_3.main, exercise_1_3.config,
         ['--dataset', 'digits', '--epochs', '3', '--runs_dir', str(tmp_path), '--run_name', 'd', *SYSTEM])
-    assert 'exercise_1_3.DATASET_DEFAULTS' in capsys.readouterr().out  # said, not silent
+    assert "dataset.DATASETS, exercise_1_3's defaults" in capsys.readouterr().out  # said, not silent
     with open(tmp_path / 'exercise_1_3' / 'd' / 'results.json') as f:
         assert json.load(f)['test_acc'] > 0.8  # chance is 0.10
     best = load_checkpoint(tmp_path / 'exercise_1_3' / 'd' / 'checkpoints' / 'best.pt')
-    assert best['config']['widths'] == exercise_1_3.DATASET_DEFAULTS['digits']['widths']
+    assert best['config']['widths'] == DATASETS['digits'].defaults['exercise_1_3']['widths']
     # exercise 2.3 explains the last maps: at least 2x2 on 8x8 digits
     config = exercise_1_3.with_dataset_defaults({**exercise_1_3.config, 'dataset': 'digits'}, {})
     data = load_data(config, 'cpu')
@@ -42,7 +42,7 @@ def test_exercise_1_3_on_digits_learns_with_its_defaults_and_keeps_2x2_maps(tmp_
     # a flag overrides a dataset default; --help states every one of them
     assert exercise_1_3.with_dataset_defaults({**config, 'lr': 0.2}, {'lr': 0.2})['lr'] == 0.2
     rows = {r.split()[0]: r for r in help_text(exercise_1_3.config, exercise_1_3.__file__).splitlines()[2:]}
-    for dataset, values in exercise_1_3.DATASET_DEFAULTS.items():
+    for dataset, values in ((name, info.defaults.get('exercise_1_3', {})) for name, info in DATASETS.items()):
         for key, value in values.items():  # e.g. --lr's row ends '...; fashion_mnist, mnist: 0.1; digits: 0.05'
             said = [p for p in rows[f'--{key}'].split(';') if re.search(rf'(?<!\w){dataset}\b', p)]
             assert len(said) == 1 and said[0].endswith(f': {value!r}'), (dataset, key)
