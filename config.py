@@ -4,7 +4,8 @@ An exercise builds its `config` dict as `{**COMMON, ...its own keys...}`. Every 
 overridden from the command line under the same name (`--lr 3e-4`, `--hidden=[512,256]`);
 values are Python literals, type-checked against the default. `--help` lists each key with
 its default and the comment written next to it in the source. Bad input ends the program
-with one line on stderr and exit code 2, before anything is written.
+with one line on stderr and exit code 2, before anything is written. ROLE says what each key is
+(where it runs, what it trains on, ...); resume rules and run identities are derived from it.
 """
 from __future__ import annotations
 
