@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from config import COMMON, UserError, cli
 from dataset import Split, load_data, load_imagenette, spread
 from evaluate import check_model_on_data, load_model
-from explain import BETTER, LABELS, describe, faithfulness, map_size, predict_all, table_rows
-from explain_plots import example_figures, plot_faithfulness
+from explain import describe, faithfulness, map_size, predict_all, table_rows
+from explain_display import example_figures, plot_faithfulness, print_table
 from models import CNN, IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_TO_IMAGENET, build_resnet18, restrict_head
 from record import Run, data_fingerprint, split_fingerprint, write_json
 
@@ -53,8 +53,6 @@ config = {
     'assets_dir': 'assets',         # relative to this script's folder unless absolute
 }
 
-MARK = {'better': '+', 'worse': '-', 'tie': '='}
-SHORT = {'black': 'removed = black, insertion from black', 'rise': 'removed = mean colour, insertion from a blur'}
 BLACK_BACKGROUND = ('mnist', 'fashion_mnist', 'digits')  # objects on black: black is "nothing there"
 
 # Keys handed on to exercise 1.3 when it must train a checkpoint first: data, system, smoke size.
@@ -142,41 +140,8 @@ def explain_model(run: Run, model: nn.Module, layer: nn.Module, fc: nn.Linear, s
             'warnings': warnings, 'figures': paths}
 
 
-def print_table(title: str, table: dict, substrate: str, checks: dict, notes: bool = True) -> None:
-    print(f"\nfaithfulness, {title}; substrate '{substrate}': {SHORT[substrate]}")
-    print(f"  {'map':<13} {'deletion AUC (lower)':>27} {'insertion AUC (higher)':>27} "
-          f"{'Average Drop % (lower)':>27} {'Increase % (higher)':>27}")
-    for m, row in table.items():
-        cells = [f"{row[k]:.3f} [{row['ci95'][k][0]:.3f},{row['ci95'][k][1]:.3f}]" if 'auc' in k else
-                 f"{row[k]:.1f} [{row['ci95'][k][0]:.1f},{row['ci95'][k][1]:.1f}]" for k in BETTER]
-        if 'vs' in row:
-            cells = [c + ' ' + '/'.join(MARK[row['vs'][b][k]['verdict']] for b in row['vs'])
-                     for c, k in zip(cells, BETTER)]
-        print(f"  {LABELS[m]:<13} {cells[0]:>27} {cells[1]:>27} {cells[2]:>27} {cells[3]:>27}")
-    start = checks['insertion_start']
-    if not start['near_chance']:
-        print(f"  WARNING: {100 * start['agreement_with_prediction']:.0f}% of insertion's start images keep their "
-              f"prediction (chance {100 * start['chance']:.0f}%): insertion AUC measures little here")
-    if not notes:
-        return
-    print("  [95% bootstrap interval over images]; vs random / random smooth / constant, paired, at 95%: "
-          "+ better, - worse, = tie")
-    print("  'random' tests location: the random pixel order (deletion, insertion), the map's own pixels shuffled "
-          "(Average Drop, Increase)")
-    print(f"  CAM and Grad-CAM are one result, not two: with GAP + one linear layer Grad-CAM = ReLU(CAM) / (h*w), "
-          f"the same after min-max (max |diff| {checks['cam_vs_grad_cam_max_abs_diff']:.1e})")
-
-
 # ---------------------------------------------------------------------------------------------
 # Part 1: our CNN from exercise 1.3
-
-def run_dataset(run_dir: str) -> str | None:
-    try:
-        with open(os.path.join(run_dir, 'config.json')) as f:
-            return json.load(f).get('dataset')
-    except (OSError, ValueError):
-        return None
-
 
 def find_checkpoint(config: dict, overrides: dict) -> str:
     """The newest exercise 1.3 best.pt, preferring config['dataset'], then finished runs; trains
@@ -191,12 +156,16 @@ def find_checkpoint(config: dict, overrides: dict) -> str:
         exercise_1_3.main({**exercise_1_3.config, **forwarded}, forwarded)
         found = glob.glob(pattern)
         if not found:
-            raise UserError(f"exercise 1.3 wrote no checkpoint matching {pattern}")
+            raise UserError(f"exercise 1.3 wrote no checkpoint matching {pattern}; pass --checkpoint PATH")
 
     def preference(path: str) -> tuple:
         run_dir = os.path.dirname(os.path.dirname(path))
-        return (run_dataset(run_dir) == config['dataset'], os.path.exists(os.path.join(run_dir, 'results.json')),
-                os.path.getmtime(path))
+        try:
+            with open(os.path.join(run_dir, 'config.json')) as f:
+                dataset = json.load(f).get('dataset')
+        except (OSError, ValueError):
+            dataset = None
+        return dataset == config['dataset'], os.path.exists(os.path.join(run_dir, 'results.json')), os.path.getmtime(path)
     best = max(found, key=preference)
     wanted, finished, _ = preference(best)
     print(f"checkpoint {best}" + ('' if wanted else f" (none on {config['dataset']}; newest of any dataset)")
@@ -279,8 +248,8 @@ def explain_resnet(run: Run, config: dict) -> dict:
 
 def main(config: dict, overrides: dict) -> dict:
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
-        raise UserError("exercise 2.3 runs as one process: start it with python, not torchrun (train the 1.3 "
-                        "checkpoint it explains with torchrun exercise_1_3.py, then pass --checkpoint)")
+        raise UserError("exercise 2.3 runs as one process: start it with python, not torchrun (torchrun "
+                        "exercise_1_3.py trains the checkpoint it explains)")
     if config['part'] not in ('cnn', 'resnet', 'all'):
         raise UserError(f"unknown part {config['part']!r}; choose cnn, resnet or all")
     if config['resume']:

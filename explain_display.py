@@ -1,5 +1,5 @@
-"""The figures of exercise 2.3: grids of example maps over their images, and the deletion /
-insertion curves of a faithfulness table (explain.faithfulness). A module of its own so that
+"""How exercise 2.3 shows what explain.py measures: the faithfulness table on the console, grids of
+example maps over their images, and the deletion / insertion curves. A module of its own so that
 explain.py holds the measures only."""
 from __future__ import annotations
 
@@ -10,10 +10,39 @@ from torch import Tensor, nn
 
 from dataset import Split
 from evaluate import pyplot
-from explain import BASELINES, LABELS, explain_all, overlay
+from explain import BASELINES, BETTER, LABELS, explain_all, overlay
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+MARK = {'better': '+', 'worse': '-', 'tie': '='}  # a paired verdict in the printed table
+SHORT = {'black': 'removed = black, insertion from black', 'rise': 'removed = mean colour, insertion from a blur'}
+
+
+def print_table(title: str, table: dict, substrate: str, checks: dict, notes: bool = True) -> None:
+    """One table of explain.faithfulness on the console, a row per map; notes: the legend below it."""
+    print(f"\nfaithfulness, {title}; substrate '{substrate}': {SHORT[substrate]}")
+    print(f"  {'map':<13} {'deletion AUC (lower)':>27} {'insertion AUC (higher)':>27} "
+          f"{'Average Drop % (lower)':>27} {'Increase % (higher)':>27}")
+    for m, row in table.items():
+        cells = [f"{row[k]:.3f} [{row['ci95'][k][0]:.3f},{row['ci95'][k][1]:.3f}]" if 'auc' in k else
+                 f"{row[k]:.1f} [{row['ci95'][k][0]:.1f},{row['ci95'][k][1]:.1f}]" for k in BETTER]
+        if 'vs' in row:
+            cells = [c + ' ' + '/'.join(MARK[row['vs'][b][k]['verdict']] for b in row['vs'])
+                     for c, k in zip(cells, BETTER)]
+        print(f"  {LABELS[m]:<13} {cells[0]:>27} {cells[1]:>27} {cells[2]:>27} {cells[3]:>27}")
+    start = checks['insertion_start']
+    if not start['near_chance']:
+        print(f"  WARNING: {100 * start['agreement_with_prediction']:.0f}% of insertion's start images keep their "
+              f"prediction (chance {100 * start['chance']:.0f}%): insertion AUC measures little here")
+    if not notes:
+        return
+    print("  [95% bootstrap interval over images]; vs random / random smooth / constant, paired, at 95%: "
+          "+ better, - worse, = tie")
+    print("  'random' tests location: the random pixel order (deletion, insertion), the map's own pixels shuffled "
+          "(Average Drop, Increase)")
+    print(f"  CAM and Grad-CAM are one result, not two: with GAP + one linear layer Grad-CAM = ReLU(CAM) / (h*w), "
+          f"the same after min-max (max |diff| {checks['cam_vs_grad_cam_max_abs_diff']:.1e})")
 
 
 def pick_examples(y: Tensor, pred: Tensor, n_correct: int, n_wrong: int, num_classes: int) -> dict[str, list[int]]:
