@@ -114,17 +114,18 @@ def score(model: nn.Module, split: Split, layer: nn.Module, fc: nn.Linear, datas
 
 
 def explain_model(run: Run, model: nn.Module, layer: nn.Module, fc: nn.Linear, split: Split, probs: Tensor, acc: float,
-                  classes: list[str], prefix: str, label: str, config: dict, **part) -> dict:
-    """Part 1's or part 2's tail: map size, example figures, faithfulness (printed, drawn, logged as
-    tables). part: dataset, images (how many to score), what (they are), examples (title), to_assets.
-    Returns {prefix, prefix_sensitivity, 'setup', prefix_curves, 'warnings', 'figures'}."""
+                  classes: list[str], prefix: str, label: str, config: dict, *, dataset: str, images: int, what: str,
+                  examples: str, to_assets: bool) -> dict:
+    """Part 1's or part 2's tail: map size, example figures (titled `examples`), the faithfulness of
+    `images` of split (`what` they are, for titles) printed, drawn and logged as tables. Returns
+    {prefix, prefix_sensitivity, 'setup', prefix_curves, 'warnings', 'figures'}."""
     hw, warnings = check_maps(model, split.normalize(split.x[:1]), layer, fc, acc, len(classes), config)
-    copy_to = os.path.join(HERE, config['assets_dir']) if part['to_assets'] else None
-    paths = run.log_figures(example_figures(model, split, probs, classes, layer, fc, prefix, part['examples'],
+    copy_to = os.path.join(HERE, config['assets_dir']) if to_assets else None
+    paths = run.log_figures(example_figures(model, split, probs, classes, layer, fc, prefix, examples,
                                             config['per_class'], config['batch_size']), copy_to, 'ex23_')
-    faith = score(model, split, layer, fc, part['dataset'], part['images'], config)
+    faith = score(model, split, layer, fc, dataset, images, config)
     table, sensitivity = faith['table'], faith.get('sensitivity')
-    title = f"{label}, {faith['images']} {part['what']}, {config['faithfulness_steps']} steps"
+    title = f"{label}, {faith['images']} {what}, {config['faithfulness_steps']} steps"
     print_table(title, table, faith['substrate'], faith['checks'])
     if sensitivity:
         print_table(f"{title}: SENSITIVITY", sensitivity['table'], sensitivity['substrate'], sensitivity['checks'],

@@ -319,8 +319,6 @@ def compare(ours: Tensor, theirs: Tensor, better: str, seed: int = 0) -> dict:
 
 METHODS = ('cam', 'grad_cam', 'grad_cam_pp')
 BASELINES = ('random', 'random_smooth', 'constant')
-LABELS = {'cam': 'CAM', 'grad_cam': 'Grad-CAM', 'grad_cam_pp': 'Grad-CAM++', 'random': 'random',
-          'random_smooth': 'random smooth', 'constant': 'constant'}
 BETTER = {'deletion_auc': 'lower', 'insertion_auc': 'higher',  # how each metric rewards a faithful map
           'average_drop': 'lower', 'increase_in_confidence': 'higher'}
 DEL_INS, AD_IC = ('deletion_auc', 'insertion_auc'), ('average_drop', 'increase_in_confidence')

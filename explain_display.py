@@ -10,11 +10,13 @@ from torch import Tensor, nn
 
 from dataset import Split
 from evaluate import pyplot
-from explain import BASELINES, BETTER, LABELS, explain_all, overlay
+from explain import BASELINES, BETTER, explain_all, overlay
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+LABELS = {'cam': 'CAM', 'grad_cam': 'Grad-CAM', 'grad_cam_pp': 'Grad-CAM++', 'random': 'random',
+          'random_smooth': 'random smooth', 'constant': 'constant'}
 MARK = {'better': '+', 'worse': '-', 'tie': '='}  # a paired verdict in the printed table
 SHORT = {'black': 'removed = black, insertion from black', 'rise': 'removed = mean colour, insertion from a blur'}
 

@@ -185,7 +185,8 @@ def test_wandb_history_has_every_metric_the_console_printed(runs):
         for name, label in TRACKS.items()}) >= 2 * 9
     # 2.3: the test accuracy and every cell of the printed faithfulness tables, found in W&B's summary
     # and tables: one-off results are not scalar history (issue 21 part 8)
-    from explain import BETTER, LABELS
+    from explain import BETTER
+    from explain_display import LABELS
     [cam] = out['exercise_2_3 dirs']
     logged = wandb_run(cam)
     assert not [k for row in logged['history'].values() for k in row if k.startswith(('cnn/', 'cnn_sensitivity/'))]
