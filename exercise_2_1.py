@@ -1,22 +1,11 @@
 """Exercise 2.1 — why residual connections work, shown four ways on the depth-study cells.
 
-The lab asks why residual connections are effective. This script takes the plain and residual
-cells of exercise 1.2's study (MLPs, --study mlp) or 1.3's (CNNs, --study cnn), with exactly
-their settings: finished cells are reused, missing ones are trained by study.run_study (the
-same cells, the same names). Four analyses, chosen with --part:
-
-  grads       ||dL/dW|| * ||W|| per layer (raw norms beside it) at initialisation and after
-              training, with the loss the cells were trained with (study.gradient_study)
-  lesion      delete one block at test time, then k random blocks (Veit et al. 2016): a residual
-              net keeps its identity path, a plain block becomes the identity
-  landscape   training loss along random filter-normalised directions, 1-D and 2-D (Li et al.
-              2018), at `landscape_depths`; 'rise' = mean loss increase at a fixed step
-  shattering  d logit / dt along lines between test images, and its autocorrelation, at init
-              and after training (Balduzzi et al. 2017)
-
-Output: <runs_dir>/exercise_2_1/<study>-<id>/results.json (one entry per part, kept across
-runs of other parts; <id> the hash of the study settings, as the cells') and its figures.
-Measured results, data and hardware: docs/exercise_2_1.md.
+Takes the plain and residual cells of exercise 1.2's study (--study mlp) or 1.3's (--study cnn)
+with exactly their settings (finished cells reused, missing ones trained by study.run_study) and
+runs four analyses (--part; analysis.py): gradient norms per layer, lesions (Veit et al. 2016),
+loss-landscape slices (Li et al. 2018) and shattered gradients (Balduzzi et al. 2017). Writes
+<runs_dir>/exercise_2_1/<study>-<id>/results.json (one entry per part, kept across runs of other
+parts) and one figure per part. What each analysis measures, and the results: docs/exercise_2_1.md.
 
     python exercise_2_1.py --dataset fashion_mnist --subset 20000      # the 1.2 cells, all parts
     python exercise_2_1.py --part lesion --depths "[16]"
