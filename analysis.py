@@ -7,21 +7,25 @@
   shattering  the input gradient along a line of inputs and its autocorrelation (Balduzzi et al.,
               ICML 2017, "The shattered gradients problem")
 
-The gradient norms per layer are study.grad_norms. Every function takes the model and a
-dataset.Split and evaluates in eval mode; exercise_2_1.py picks the cells and draws the figures.
+The gradient norms per layer are study.grad_norms. Every analysis takes the model and a
+dataset.Split and evaluates in eval mode; the plot_* functions draw their records (one figure per
+analysis); exercise_2_1.py picks the cells.
 """
 from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from dataset import Split
-from evaluate import evaluate
+from evaluate import evaluate, pyplot
 from models import CNN, MLP, SkipMLP
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def head(split: Split, n: int) -> Split:
@@ -209,3 +213,122 @@ def shattering(model: nn.Module, split: Split, lines: int, points: int, max_lag:
             example = (g / g.abs().max().clamp_min(1e-30)).tolist()
     mean = [sum(r[k] for r in rhos) / len(rhos) for k in range(max_lag + 1)]
     return {'lag1': mean[1], 'autocorr': mean, 'example': example, 'lines': lines, 'points': points}
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures: solid residual, dashed plain
+
+def plot_lesion(lesion: dict, title: str) -> Figure:
+    """Left: accuracy with one block deleted, by block position. Right: mean accuracy with k random
+    blocks deleted. Solid residual, dashed plain, one colour per depth."""
+    plt = pyplot()
+    depths = sorted({int(d) for by_depth in lesion.values() for d in by_depth})
+    colors = dict(zip(depths, plt.cm.viridis([i / max(len(depths) - 1, 1) for i in range(len(depths))])))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for m, style in (('plain', '--'), ('residual', '-')):
+        for d, r in lesion.get(m, {}).items():
+            n = len(r['one_block'])
+            left.plot([(i + 0.5) / max(n, 1) for i in range(n)], [100 * a for a in r['one_block']], style,
+                      marker='.', color=colors[int(d)], label=f'{m} {d}')
+            ks = [int(k) for k in r['k_blocks']]
+            right.plot(ks, [100 * a for a in r['k_blocks'].values()], style, marker='o', color=colors[int(d)],
+                       label=f'{m} {d}')
+    left.set_xlabel('position of the deleted block (0 = input, 1 = output)')
+    left.set_ylabel('test accuracy (%)')
+    left.set_title('one block deleted')
+    right.set_xscale('log', base=2)
+    right.set_xlabel('blocks deleted (k, random)')
+    right.set_title('k random blocks deleted (mean)')
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=7, ncol=2)
+    fig.suptitle(f'lesion study ({title}); solid residual, dashed plain')
+    fig.tight_layout()
+    return fig
+
+
+def plot_landscape_1d(land: dict, title: str) -> Figure:
+    """Training loss along each 1-D direction, one panel per depth, plain and residual together."""
+    plt = pyplot()
+    depths = sorted({int(d) for by_depth in land.values() for d in by_depth})
+    fig, axes = plt.subplots(1, len(depths), figsize=(4.5 * len(depths), 3.5), squeeze=False, sharey=True)
+    for ax, d in zip(axes[0], depths):
+        for m, color in (('plain', 'C0'), ('residual', 'C1')):
+            r = land[m][str(d)]
+            for i, curve in enumerate(r['curves']):
+                ax.plot(r['alphas'], curve, color=color, alpha=0.8, label=m if i == 0 else None)
+        ax.set_yscale('log')
+        ax.set_title(f'depth {d}')
+        ax.set_xlabel('step along a filter-normalised direction')
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel('training loss')
+    axes[0][0].legend()
+    fig.suptitle(f'1-D loss slices ({title})')
+    fig.tight_layout()
+    return fig
+
+
+def plot_landscape_2d(land: dict, title: str, surface: bool = False) -> Figure:
+    """The 2-D slice of each (model, depth): contour lines of the loss (log-spaced, from the lowest loss
+    to 10^4 x it), or a 3-D surface of log10 loss."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+    plt = pyplot()
+    depths = sorted({int(d) for by_depth in land.values() for d in by_depth})
+    fig = plt.figure(figsize=(4.2 * len(depths), 3.8 * len(land)))
+    for i, m in enumerate(land):  # plain, residual: one row each
+        for j, d in enumerate(depths):
+            r = land[m][str(d)]
+            a = np.array(r['axis'])
+            X, Y = np.meshgrid(a, a)
+            Z = np.array(r['surface'])
+            if surface:
+                ax = fig.add_subplot(len(land), len(depths), i * len(depths) + j + 1, projection='3d')
+                ax.plot_surface(X, Y, np.log10(Z), cmap='viridis', linewidth=0)
+                ax.set_zlabel('log10 loss')
+            else:
+                ax = fig.add_subplot(len(land), len(depths), i * len(depths) + j + 1)
+                low = max(Z.min(), 1e-3)  # levels up to 10^4 x the lowest loss: plain nets reach 10^20
+                levels = np.geomspace(low, max(min(Z.max(), 1e4 * low), 1.01 * low), 13)
+                cs = ax.contour(X, Y, Z, levels=levels, cmap='viridis', norm=LogNorm())
+                ax.clabel(cs, fontsize=6, fmt='%.2g')
+                ax.plot(0, 0, 'k+')
+                ax.set_aspect('equal')
+            ax.set_title(f'{m}, depth {d}')
+    fig.suptitle(f"2-D loss slices ({title}){'; z = log10 loss' if surface else ''}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_shattering(shatter: dict, title: str) -> Figure:
+    """Top: g(t) on the first line at the deepest depth (normalised), init and trained. Bottom left:
+    lag-1 autocorrelation by depth; bottom right: rho(k) at the deepest depth."""
+    plt = pyplot()
+    depths = sorted({int(d) for by_model in shatter.values() for by_depth in by_model.values() for d in by_depth})
+    deep = str(depths[-1])
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for ax, stage in zip(axes[0], ('init', 'trained')):
+        for m, color in (('plain', 'C0'), ('residual', 'C1')):
+            g = shatter[stage][m][deep]['example']
+            ax.plot([t / max(len(g) - 1, 1) for t in range(len(g))], g, color=color, lw=0.8, label=m)
+        ax.set_title(f'd logit / dt along one line, depth {deep}, {stage}')
+        ax.set_xlabel('t (image a -> image b)')
+        ax.legend(fontsize=7)
+    for stage, style in (('init', '--'), ('trained', '-')):
+        for m, color in (('plain', 'C0'), ('residual', 'C1')):
+            by_depth = shatter[stage][m]
+            axes[1][0].plot(depths, [by_depth[str(d)]['lag1'] for d in depths], style, marker='o', color=color,
+                            label=f'{m}, {stage}')
+            rho = by_depth[deep]['autocorr']
+            axes[1][1].plot(range(len(rho)), rho, style, color=color, label=f'{m}, {stage}')
+    axes[1][0].set_xscale('log', base=2)
+    axes[1][0].set_xlabel('depth')
+    axes[1][0].set_ylabel('lag-1 autocorrelation')
+    axes[1][1].set_xlabel('lag (steps along the line)')
+    axes[1][1].set_ylabel(f'autocorrelation, depth {deep}')
+    for ax in axes[1]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f'shattered gradients ({title}); 1 = brown noise, 0 = white noise')
+    fig.tight_layout()
+    return fig

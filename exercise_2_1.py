@@ -1,22 +1,11 @@
 """Exercise 2.1 — why residual connections work, shown four ways on the depth-study cells.
 
-The lab asks why residual connections are effective. This script takes the plain and residual
-cells of exercise 1.2's study (MLPs, --study mlp) or 1.3's (CNNs, --study cnn), with exactly
-their settings: finished cells are reused, missing ones are trained by study.run_study (the
-same cells, the same names). Four analyses, chosen with --part:
-
-  grads       ||dL/dW|| * ||W|| per layer (raw norms beside it) at initialisation and after
-              training, with the loss the cells were trained with (study.gradient_study)
-  lesion      delete one block at test time, then k random blocks (Veit et al. 2016): a residual
-              net keeps its identity path, a plain block becomes the identity
-  landscape   training loss along random filter-normalised directions, 1-D and 2-D (Li et al.
-              2018), at `landscape_depths`; 'rise' = mean loss increase at a fixed step
-  shattering  d logit / dt along lines between test images, and its autocorrelation, at init
-              and after training (Balduzzi et al. 2017)
-
-Output: <runs_dir>/exercise_2_1/<study>-<id>/results.json (one entry per part, kept across
-runs of other parts; <id> the hash of the study settings, as the cells') and its figures.
-Measured results, data and hardware: docs/exercise_2_1.md.
+Takes the plain and residual cells of exercise 1.2's study (--study mlp) or 1.3's (--study cnn)
+with exactly their settings (finished cells reused, missing ones trained by study.run_study) and
+runs four analyses (--part; analysis.py): gradient norms per layer, lesions (Veit et al. 2016),
+loss-landscape slices (Li et al. 2018) and shattered gradients (Balduzzi et al. 2017). Writes
+<runs_dir>/exercise_2_1/<study>-<id>/results.json (one entry per part, kept across runs of other
+parts) and one figure per part. What each analysis measures, and the results: docs/exercise_2_1.md.
 
     python exercise_2_1.py --dataset fashion_mnist --subset 20000      # the 1.2 cells, all parts
     python exercise_2_1.py --part lesion --depths "[16]"
@@ -28,15 +17,19 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
+from torch import nn
 
 import exercise_1_2
 import exercise_1_3
-from analysis import head, landscape, lesion_study, shattering, calibrate_batchnorm
+from analysis import (calibrate_batchnorm, head, landscape, lesion_study, plot_landscape_1d, plot_landscape_2d,
+                      plot_lesion, plot_shattering, shattering)
 from config import UserError, cli
-from dataset import dataset_names, load_data
-from evaluate import load_model, pyplot
+from dataset import Data, dataset_names, load_data
+from evaluate import load_model
 from record import pick_device, save_figure, write_json
 from study import cell_config, cell_dir, cell_id, gradient_study, plot_grad_norms, print_grad_summary, run_study
 
@@ -101,84 +94,119 @@ def out_dir_of(config: dict, study: dict) -> str:
     return os.path.join(config['runs_dir'], EXERCISE, f"{config['study']}-{cell_id(shared)}")
 
 
-def main(config: dict, overrides: dict) -> None:
-    if config['smoke']:
-        config = {**config, **{k: v for k, v in SMOKE.items() if k not in overrides}}
-    module = STUDIES[config['study']]
-    study, depths = study_settings(config)
-    parts = PARTS if config['part'] == 'all' else (config['part'],)
-    ldepths = config['landscape_depths'] or sorted({depths[len(depths) // 2], depths[-1]})
-    if not set(ldepths) <= set(depths):
-        raise UserError(f"--landscape_depths {ldepths} must be among --depths {depths}")
-    device = pick_device(config['device'])
+@dataclass
+class Cells:
+    """The trained plain and residual cells being analysed, and what every analysis needs beside them."""
+    module: ModuleType              # exercise_1_2 or exercise_1_3: its build_model and EXERCISE
+    study: dict                     # the cells' shared config
+    depths: list[int]
+    landscape_depths: list[int]
+    data: Data
+    trained: dict[tuple[str, int], nn.Module]  # (model, depth) -> the cell's best.pt, eval mode
+    generator: torch.Generator      # the analyses' draws (config['seed'])
+    title: str                      # figure titles: dataset and study
+    out: str                        # the folder of results.json and the figures
 
+
+def load_cells(config: dict, study: dict, depths: list[int], landscape_depths: list[int]) -> tuple[Cells, dict]:
+    """Trains the missing cells (study.run_study), loads every cell's best.pt; returns them and the
+    cells' summary rows {'<model>-d<depth>': {...}} for results.json."""
+    module = STUDIES[config['study']]
+    device = pick_device(config['device'])
     rows = run_study(module.EXERCISE, study, module.build_model, depths=depths)  # reuse or train
-    out = out_dir_of(config, study)
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, 'results.json')
-    results = {}
-    if os.path.exists(path):  # the parts of earlier runs on the same cells stay
-        with open(path) as f:
-            results = json.load(f)
-    cells = {f"{r['model']}-d{r['depth']}": {k: r[k] for k in ('cell', 'test_acc', 'clean_train_loss', 'clean_train_acc',
-                                                                 'params')} for r in rows}
-    results.update({'study': config['study'], 'exercise': module.EXERCISE,
-                    'cells': {**results.get('cells', {}), **cells},  # every cell any part has analysed
-                    'study_config': {k: v for k, v in study.items() if k not in ('runs_dir', 'data_dir')}})
+    summary = {f"{r['model']}-d{r['depth']}": {k: r[k] for k in ('cell', 'test_acc', 'clean_train_loss',
+                                                                   'clean_train_acc', 'params')} for r in rows}
     data = load_data(study, device)
     generator = torch.Generator().manual_seed(config['seed'])
     trained = {(m, d): load_model(os.path.join(cell_dir(module.EXERCISE, cell_config(study, m, d)),
                                                'checkpoints', 'best.pt'))[0].to(device).eval()
                for d in depths for m in MODELS}
-    title = f"{study['dataset']}, {config['study']} study"
+    cells = Cells(module, study, depths, landscape_depths, data, trained, generator,
+                  f"{study['dataset']}, {config['study']} study", out_dir_of(config, study))
+    return cells, summary
 
-    if 'grads' in parts:
-        records = gradient_study(module.EXERCISE, study, module.build_model, depths=depths)
-        print_grad_summary(records)
-        results['grads'] = records
-        save_figure(plot_grad_norms(records, title=f'||dL/dW|| * ||W|| per layer, one batch ({title})'),
-                    os.path.join(out, 'grad_norms.png'))
 
-    if 'lesion' in parts:
-        test = head(data.test, config['samples'])
-        results['lesion'] = {m: {str(d): lesion_study(trained[m, d], test, config['lesion_draws'], generator)
-                                 for d in depths} for m in MODELS}
-        print_lesion(results['lesion'])
-        save_figure(plot_lesion(results['lesion'], title), os.path.join(out, 'lesion.png'))
+# ---------------------------------------------------------------------------------------------
+# The four analyses: each returns its record and saves its figures in cells.out
 
-    if 'landscape' in parts:
-        train = head(data.train, config['landscape_samples'])
-        results['landscape'] = {m: {str(d): landscape(trained[m, d], train, config['landscape_dirs'],
-                                                      config['landscape_points'], config['landscape_grid'], generator)
-                                    for d in ldepths} for m in MODELS}
-        for m in MODELS:
-            for d, r in results['landscape'][m].items():
-                print(f"landscape {m:>8} depth {d:>3}: loss {r['loss0']:.4f}, mean rise at step 0.5 "
-                      f"{r['rise'].get('0_5', float('nan')):.4f}, at 1 {r['rise']['1']:.4f}")
-        save_figure(plot_landscape_1d(results['landscape'], title), os.path.join(out, 'landscape_1d.png'))
-        save_figure(plot_landscape_2d(results['landscape'], title), os.path.join(out, 'landscape_contour.png'))
-        save_figure(plot_landscape_2d(results['landscape'], title, surface=True),
-                    os.path.join(out, 'landscape_surface.png'))
+def analyse_grads(cells: Cells, config: dict) -> list[dict]:
+    records = gradient_study(cells.module.EXERCISE, cells.study, cells.module.build_model, depths=cells.depths)
+    print_grad_summary(records)
+    save_figure(plot_grad_norms(records, title=f'||dL/dW|| * ||W|| per layer, one batch ({cells.title})'),
+                os.path.join(cells.out, 'grad_norms.png'))
+    return records
 
-    if 'shattering' in parts:
-        test = head(data.test, 2 * config['lines'])
-        calibration = data.train.normalize(data.train.x[:study['batch_size']])
-        results['shattering'] = {}
-        for stage in ('init', 'trained'):
-            results['shattering'][stage] = {m: {} for m in MODELS}
-            for d in depths:
-                for m in MODELS:
-                    model = trained[m, d]
-                    if stage == 'init':  # the cell's own initial weights, as gradient_study rebuilds them
-                        cell = cell_config(study, m, d)
-                        torch.manual_seed(cell['seed'])
-                        model = module.build_model(cell, data).to(device)
-                        calibrate_batchnorm(model, calibration)
-                    results['shattering'][stage][m][str(d)] = shattering(
-                        model, test, config['lines'], config['line_points'], config['max_lag'])
-        print_shattering(results['shattering'])
-        save_figure(plot_shattering(results['shattering'], title), os.path.join(out, 'shattering.png'))
 
+def analyse_lesion(cells: Cells, config: dict) -> dict:
+    test = head(cells.data.test, config['samples'])
+    record = {m: {str(d): lesion_study(cells.trained[m, d], test, config['lesion_draws'], cells.generator)
+                  for d in cells.depths} for m in MODELS}
+    print_lesion(record)
+    save_figure(plot_lesion(record, cells.title), os.path.join(cells.out, 'lesion.png'))
+    return record
+
+
+def analyse_landscape(cells: Cells, config: dict) -> dict:
+    train = head(cells.data.train, config['landscape_samples'])
+    record = {m: {str(d): landscape(cells.trained[m, d], train, config['landscape_dirs'], config['landscape_points'],
+                                    config['landscape_grid'], cells.generator)
+                  for d in cells.landscape_depths} for m in MODELS}
+    for m in MODELS:
+        for d, r in record[m].items():
+            print(f"landscape {m:>8} depth {d:>3}: loss {r['loss0']:.4f}, mean rise at step 0.5 "
+                  f"{r['rise'].get('0_5', float('nan')):.4f}, at 1 {r['rise']['1']:.4f}")
+    save_figure(plot_landscape_1d(record, cells.title), os.path.join(cells.out, 'landscape_1d.png'))
+    save_figure(plot_landscape_2d(record, cells.title), os.path.join(cells.out, 'landscape_contour.png'))
+    save_figure(plot_landscape_2d(record, cells.title, surface=True), os.path.join(cells.out, 'landscape_surface.png'))
+    return record
+
+
+def analyse_shattering(cells: Cells, config: dict) -> dict:
+    test = head(cells.data.test, 2 * config['lines'])
+    train = cells.data.train
+    calibration = train.normalize(train.x[:cells.study['batch_size']])
+    record: dict = {}
+    for stage in ('init', 'trained'):
+        record[stage] = {m: {} for m in MODELS}
+        for d in cells.depths:
+            for m in MODELS:
+                model = cells.trained[m, d]
+                if stage == 'init':  # the cell's own initial weights, as gradient_study rebuilds them
+                    cell = cell_config(cells.study, m, d)
+                    torch.manual_seed(cell['seed'])
+                    model = cells.module.build_model(cell, cells.data).to(train.x.device)
+                    calibrate_batchnorm(model, calibration)
+                record[stage][m][str(d)] = shattering(model, test, config['lines'], config['line_points'],
+                                                      config['max_lag'])
+    print_shattering(record)
+    save_figure(plot_shattering(record, cells.title), os.path.join(cells.out, 'shattering.png'))
+    return record
+
+
+ANALYSES = {'grads': analyse_grads, 'lesion': analyse_lesion, 'landscape': analyse_landscape,
+            'shattering': analyse_shattering}
+
+
+def main(config: dict, overrides: dict) -> None:
+    if config['smoke']:
+        config = {**config, **{k: v for k, v in SMOKE.items() if k not in overrides}}
+    study, depths = study_settings(config)
+    parts = PARTS if config['part'] == 'all' else (config['part'],)
+    landscape_depths = config['landscape_depths'] or sorted({depths[len(depths) // 2], depths[-1]})
+    if not set(landscape_depths) <= set(depths):
+        raise UserError(f"--landscape_depths {landscape_depths} must be among --depths {depths}")
+    cells, summary = load_cells(config, study, depths, landscape_depths)
+    os.makedirs(cells.out, exist_ok=True)
+    path = os.path.join(cells.out, 'results.json')
+    results = {}
+    if os.path.exists(path):  # the parts of earlier runs on the same cells stay
+        with open(path) as f:
+            results = json.load(f)
+    results.update({'study': config['study'], 'exercise': cells.module.EXERCISE,
+                    'cells': {**results.get('cells', {}), **summary},  # every cell any part has analysed
+                    'study_config': {k: v for k, v in study.items() if k not in ('runs_dir', 'data_dir')}})
+    for part in parts:
+        results[part] = ANALYSES[part](cells, config)
     results['config'] = {k: v for k, v in config.items() if k not in ('runs_dir', 'data_dir')}
     write_json(path, results)
     print(f"wrote {path} and its figures")
@@ -201,125 +229,6 @@ def print_shattering(shatter: dict) -> None:
         for m, by_depth in by_model.items():
             print(f"shattering {stage:>7} {m:>8}: lag-1 autocorrelation by depth "
                   + '  '.join(f"{d}: {r['lag1']:.3f}" for d, r in by_depth.items()))
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures
-
-def plot_lesion(lesion: dict, title: str):
-    """Left: accuracy with one block deleted, by block position. Right: mean accuracy with k random
-    blocks deleted. Solid residual, dashed plain, one colour per depth."""
-    plt = pyplot()
-    depths = sorted({int(d) for by_depth in lesion.values() for d in by_depth})
-    colors = dict(zip(depths, plt.cm.viridis([i / max(len(depths) - 1, 1) for i in range(len(depths))])))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for m, style in (('plain', '--'), ('residual', '-')):
-        for d, r in lesion.get(m, {}).items():
-            n = len(r['one_block'])
-            left.plot([(i + 0.5) / max(n, 1) for i in range(n)], [100 * a for a in r['one_block']], style,
-                      marker='.', color=colors[int(d)], label=f'{m} {d}')
-            ks = [int(k) for k in r['k_blocks']]
-            right.plot(ks, [100 * a for a in r['k_blocks'].values()], style, marker='o', color=colors[int(d)],
-                       label=f'{m} {d}')
-    left.set_xlabel('position of the deleted block (0 = input, 1 = output)')
-    left.set_ylabel('test accuracy (%)')
-    left.set_title('one block deleted')
-    right.set_xscale('log', base=2)
-    right.set_xlabel('blocks deleted (k, random)')
-    right.set_title('k random blocks deleted (mean)')
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    right.legend(fontsize=7, ncol=2)
-    fig.suptitle(f'lesion study ({title}); solid residual, dashed plain')
-    fig.tight_layout()
-    return fig
-
-
-def plot_landscape_1d(land: dict, title: str):
-    """Training loss along each 1-D direction, one panel per depth, plain and residual together."""
-    plt = pyplot()
-    depths = sorted({int(d) for by_depth in land.values() for d in by_depth})
-    fig, axes = plt.subplots(1, len(depths), figsize=(4.5 * len(depths), 3.5), squeeze=False, sharey=True)
-    for ax, d in zip(axes[0], depths):
-        for m, color in (('plain', 'C0'), ('residual', 'C1')):
-            r = land[m][str(d)]
-            for i, curve in enumerate(r['curves']):
-                ax.plot(r['alphas'], curve, color=color, alpha=0.8, label=m if i == 0 else None)
-        ax.set_yscale('log')
-        ax.set_title(f'depth {d}')
-        ax.set_xlabel('step along a filter-normalised direction')
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel('training loss')
-    axes[0][0].legend()
-    fig.suptitle(f'1-D loss slices ({title})')
-    fig.tight_layout()
-    return fig
-
-
-def plot_landscape_2d(land: dict, title: str, surface: bool = False):
-    """The 2-D slice of each (model, depth): contour lines of the loss (log-spaced, from the lowest loss
-    to 10^4 x it), or a 3-D surface of log10 loss."""
-    import numpy as np
-    from matplotlib.colors import LogNorm
-    plt = pyplot()
-    depths = sorted({int(d) for by_depth in land.values() for d in by_depth})
-    fig = plt.figure(figsize=(4.2 * len(depths), 7.6))
-    for i, m in enumerate(MODELS):
-        for j, d in enumerate(depths):
-            r = land[m][str(d)]
-            a = np.array(r['axis'])
-            X, Y = np.meshgrid(a, a)
-            Z = np.array(r['surface'])
-            if surface:
-                ax = fig.add_subplot(2, len(depths), i * len(depths) + j + 1, projection='3d')
-                ax.plot_surface(X, Y, np.log10(Z), cmap='viridis', linewidth=0)
-                ax.set_zlabel('log10 loss')
-            else:
-                ax = fig.add_subplot(2, len(depths), i * len(depths) + j + 1)
-                low = max(Z.min(), 1e-3)  # levels up to 10^4 x the lowest loss: plain nets reach 10^20
-                levels = np.geomspace(low, max(min(Z.max(), 1e4 * low), 1.01 * low), 13)
-                cs = ax.contour(X, Y, Z, levels=levels, cmap='viridis', norm=LogNorm())
-                ax.clabel(cs, fontsize=6, fmt='%.2g')
-                ax.plot(0, 0, 'k+')
-                ax.set_aspect('equal')
-            ax.set_title(f'{m}, depth {d}')
-    fig.suptitle(f"2-D loss slices ({title}){'; z = log10 loss' if surface else ''}")
-    fig.tight_layout()
-    return fig
-
-
-def plot_shattering(shatter: dict, title: str):
-    """Top: g(t) on the first line at the deepest depth (normalised), init and trained. Bottom left:
-    lag-1 autocorrelation by depth; bottom right: rho(k) at the deepest depth."""
-    plt = pyplot()
-    depths = sorted({int(d) for by_model in shatter.values() for by_depth in by_model.values() for d in by_depth})
-    deep = str(depths[-1])
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-    for ax, stage in zip(axes[0], ('init', 'trained')):
-        for m, color in (('plain', 'C0'), ('residual', 'C1')):
-            g = shatter[stage][m][deep]['example']
-            ax.plot([t / max(len(g) - 1, 1) for t in range(len(g))], g, color=color, lw=0.8, label=m)
-        ax.set_title(f'd logit / dt along one line, depth {deep}, {stage}')
-        ax.set_xlabel('t (image a -> image b)')
-        ax.legend(fontsize=7)
-    for stage, style in (('init', '--'), ('trained', '-')):
-        for m, color in (('plain', 'C0'), ('residual', 'C1')):
-            by_depth = shatter[stage][m]
-            axes[1][0].plot(depths, [by_depth[str(d)]['lag1'] for d in depths], style, marker='o', color=color,
-                            label=f'{m}, {stage}')
-            rho = by_depth[deep]['autocorr']
-            axes[1][1].plot(range(len(rho)), rho, style, color=color, label=f'{m}, {stage}')
-    axes[1][0].set_xscale('log', base=2)
-    axes[1][0].set_xlabel('depth')
-    axes[1][0].set_ylabel('lag-1 autocorrelation')
-    axes[1][1].set_xlabel('lag (steps along the line)')
-    axes[1][1].set_ylabel(f'autocorrelation, depth {deep}')
-    for ax in axes[1]:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f'shattered gradients ({title}); 1 = brown noise, 0 = white noise')
-    fig.tight_layout()
-    return fig
 
 
 if __name__ == '__main__':

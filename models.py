@@ -3,8 +3,12 @@ holding `model_class` and `model_args` rebuilds the model alone (see evaluate.lo
 from __future__ import annotations
 
 import math
+import os
 
+import torch
 from torch import Tensor, nn
+
+from config import UserError
 
 INITS = ('torch', 'he')  # the `init` argument of every model below
 
@@ -184,3 +188,38 @@ class CNN(nn.Module):
 
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision's ImageNet ResNet-18, as exercise 2.3 explains it on Imagenette
+
+# Imagenette's ten wnids (sorted, = its labels) as ImageNet-1k class indices: tench, English
+# springer, cassette player, chain saw, church, French horn, garbage truck, gas pump, golf ball,
+# parachute.
+IMAGENETTE_TO_IMAGENET = [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # what these weights expect
+
+
+def build_resnet18(weights: str) -> nn.Module:
+    """torchvision's ResNet-18: 'imagenet' weights (downloaded once to $TORCH_HOME) or 'random' init."""
+    from torchvision.models import ResNet18_Weights, resnet18  # lazy: torchvision is slow to import
+    if weights == 'random':
+        return resnet18(weights=None)
+    w = ResNet18_Weights.IMAGENET1K_V1
+    try:
+        return resnet18(weights=w)
+    except Exception as e:  # noqa: BLE001 - offline, proxy, hash mismatch: one clear line
+        folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+        raise UserError(f"could not download the ResNet-18 ImageNet weights {w.url} into {folder} "
+                        f"({type(e).__name__}); put {os.path.basename(w.url)} there by hand") from None
+
+
+def restrict_head(model: nn.Module, rows: list[int]) -> nn.Module:
+    """Replace model.fc by the same Linear keeping only `rows`: new model(x) == old model(x)[:, rows]."""
+    fc = model.fc
+    head = nn.Linear(fc.in_features, len(rows)).to(fc.weight)
+    with torch.no_grad():
+        head.weight.copy_(fc.weight[rows])
+        head.bias.copy_(fc.bias[rows])
+    model.fc = head
+    return model

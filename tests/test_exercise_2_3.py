@@ -10,7 +10,9 @@ import torch
 
 import exercise_2_3 as ex23
 from config import UserError, cli
+from explain import BETTER
 from dataset import IMAGENETTE_WNIDS, load_imagenette
+from models import IMAGENETTE_TO_IMAGENET, restrict_head
 from synthetic import write_cifar10
 
 CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
@@ -99,11 +101,11 @@ def test_restricted_head_is_the_real_imagenet_head():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         full = model(x)                                                          # (2, 1000)
-        ten = ex23.restrict_head(model, ex23.IMAGENETTE_TO_IMAGENET)(x)          # (2, 10)
-    torch.testing.assert_close(ten, full[:, ex23.IMAGENETTE_TO_IMAGENET])
+        ten = restrict_head(model, IMAGENETTE_TO_IMAGENET)(x)                    # (2, 10)
+    torch.testing.assert_close(ten, full[:, IMAGENETTE_TO_IMAGENET])
     # the mapping names the same classes as Imagenette's sorted wnids (metadata only, no download)
     categories = ResNet18_Weights.IMAGENET1K_V1.meta['categories']
-    assert [categories[i] for i in ex23.IMAGENETTE_TO_IMAGENET] == [
+    assert [categories[i] for i in IMAGENETTE_TO_IMAGENET] == [
         'tench', 'English springer', 'cassette player', 'chain saw', 'church', 'French horn',
         'garbage truck', 'gas pump', 'golf ball', 'parachute']
 
@@ -144,7 +146,7 @@ def test_part1_smoke_writes_figures_and_faithfulness(tiny_checkpoint, tmp_path, 
     for method in ('cam', 'grad_cam', 'grad_cam_pp'):
         row = results['cnn'][method]
         for baseline in ('random', 'random_smooth', 'constant'):
-            assert set(row[f'beats_{baseline}']) == set(ex23.BETTER)
+            assert set(row[f'beats_{baseline}']) == set(BETTER)
             assert all(isinstance(v, bool) for v in row[f'beats_{baseline}'].values())
         assert 0 <= row['deletion_auc'] <= 1 and 0 <= row['average_drop'] <= 100
     assert 'beats_random' not in results['cnn']['random']

@@ -241,7 +241,7 @@ def test_deletion_insertion_by_hand():
 
 
 def test_average_drop_increase(trained):
-    model, layer, _, x, y, _ = trained
+    model, layer, fc, x, y, _ = trained
     gc = E.grad_cam(model, x[:64], layer, class_idx=y[:64])
     mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
     for kw in ({}, {'mean': mean, 'std': std}):
@@ -250,8 +250,10 @@ def test_average_drop_increase(trained):
         ones = E.average_drop_increase(model, x[:64], torch.ones_like(gc), y[:64], **kw)
         assert ones == {'average_drop': 0.0, 'increase_in_confidence': 0.0}
 
-    f = E.faithfulness(model, x[:32], gc[:32], y[:32], mean=mean, std=std, steps=8)
-    assert set(f) == {'deletion_auc', 'insertion_auc', 'average_drop', 'increase_in_confidence'}
+    f = E.faithfulness(model, x[:32], layer, fc, mean, std, 'black', steps=8)  # every map's four metrics
+    for row in f['table'].values():
+        assert {'deletion_auc', 'insertion_auc', 'average_drop', 'increase_in_confidence'} <= set(row)
+        assert all(isinstance(row[k], float) for k in E.BETTER)
     json.dumps(f)                                               # plain floats only
 
 

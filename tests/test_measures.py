@@ -33,7 +33,7 @@ def images(n: int = 6, size: int = 28) -> torch.Tensor:
     return (x - MEAN) / STD
 
 
-CONFIG = {'seed': 0, 'batch_size': 4, 'faithfulness_steps': 4}
+CONFIG = {'seed': 0, 'batch_size': 4, 'steps': 4}
 
 
 def test_substrate_is_black_on_black_background_sets_and_rise_elsewhere():
@@ -72,13 +72,13 @@ def test_a_constant_map_never_beats_random_by_construction():
     """Its pixel order is the random map's (ties broken by it) and shuffling it changes nothing:
     every paired difference with 'random' is exactly 0, a tie, on all four metrics."""
     model, x = tiny_cnn(), images(8)
-    table, _, _ = ex23.faithfulness_table(model, x, model[2], model[5], MEAN, STD, 'black', CONFIG)
+    table = E.faithfulness(model, x, model[2], model[5], MEAN, STD, 'black', **CONFIG)['table']
     row = table['constant']
-    for k in ex23.BETTER:
+    for k in E.BETTER:
         assert row['vs']['random'][k]['diff'] == 0 and row['vs']['random'][k]['verdict'] == 'tie'
         assert row['beats_random'][k] is False
     assert row['deletion_auc'] == table['random']['deletion_auc']     # the same order, the same curve
-    for m in ex23.METHODS:                                            # methods carry intervals and verdicts
+    for m in E.METHODS:                                               # methods carry intervals and verdicts
         assert set(table[m]['vs']) == {'random', 'random_smooth', 'constant'}
         assert all(lo <= table[m][k] <= hi for k, (lo, hi) in table[m]['ci95'].items())
 
@@ -109,7 +109,7 @@ def test_insertion_blur_sigma_scales_with_image_size_and_its_start_is_checked():
     assert torch.allclose(E.blur(x), gaussian_blur(x, [5, 5], [0.625, 0.625]))
     assert not torch.allclose(E.blur(x), gaussian_blur(x, [11, 11], [5.0, 5.0]))  # not RISE's 224 px blur
     model = tiny_cnn()
-    _, _, checks = ex23.faithfulness_table(model, images(8), model[2], model[5], MEAN, STD, 'rise', CONFIG)
+    checks = E.faithfulness(model, images(8), model[2], model[5], MEAN, STD, 'rise', **CONFIG)['checks']
     start = checks['insertion_start']
     assert start['chance'] == 0.1 and start['near_chance'] == (start['agreement_with_prediction'] < 0.2)
 

@@ -42,7 +42,7 @@ OLD_NOT_FINETUNE = OLD_HOW_IT_RUNS | {'checkpoint', 'model', 'widths', 'depth', 
                                       'agnostic_iou', 'refine_margin', 'timing_threads', 'figure_canvases', 'assets',
                                       'assets_dir'}
 OLD_FORWARD_TO_1_3 = ('dataset', 'data_dir', 'subset', 'epochs', 'max_steps', 'device', 'seed', 'amp', 'channels_last',
-                      'compile', 'runs_dir', 'wandb', 'wandb_project')
+                      'compile', 'runs_dir', 'wandb', 'wandb_project', 'wandb_verbose')  # + wandb_verbose: now forwarded
 
 
 def test_key_roles_derive_exactly_the_old_lists():
@@ -79,7 +79,8 @@ def test_registry_entries_describe_what_load_data_returns(config):
     assert dataset_names() == tuple(DATASETS)
     assert dataset_names(channels=1) == ('mnist', 'fashion_mnist', 'digits')  # 1.1 and 1.2's choices, as before
     assert dataset_names(channels=1, size=28) == ('mnist', 'fashion_mnist')   # 2.2's
-    assert exercise_2_3.BLACK_BACKGROUND == ('mnist', 'fashion_mnist', 'digits')
+    assert [n for n, i in DATASETS.items() if i.background == 'black'] == ['mnist', 'fashion_mnist', 'digits']
+    assert [exercise_2_3.substrate_for(n, 'auto') for n in DATASETS] == ['black', 'black', 'black', 'rise']
     assert [n for n, i in DATASETS.items() if i.flip_invariant] == ['fashion_mnist', 'cifar10']
 
 

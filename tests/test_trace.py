@@ -183,19 +183,22 @@ def test_wandb_history_has_every_metric_the_console_printed(runs):
     assert numbers_printed_are_logged(re.sub(r'mAP@0\.5|mAP@\[\.5:\.95\]', 'mAP', out['exercise_2_2']), {
         label: {k.split('/', 1)[1]: v for k, v in logged.items() if k.startswith(name + '/')}
         for name, label in TRACKS.items()}) >= 2 * 9
-    # 2.3: the test accuracy and every cell of the printed faithfulness table (steps 1-3 were
-    # figures: the old step=0 log was dropped by W&B)
-    from exercise_2_3 import LABELS
+    # 2.3: the test accuracy and every cell of the printed faithfulness tables, found in W&B's summary
+    # and tables: one-off results are not scalar history (issue 21 part 8)
+    from explain import BETTER
+    from explain_display import LABELS
     [cam] = out['exercise_2_3 dirs']
-    logged = {k: v for row in wandb_run(cam)['history'].values() for k, v in row.items()}
+    logged = wandb_run(cam)
+    assert not [k for row in logged['history'].values() for k in row if k.startswith(('cnn/', 'cnn_sensitivity/'))]
     acc = float(re.search(r'test acc ([\d.]+)%', out['exercise_2_3']).group(1))
-    assert round(100 * logged['cnn/test_acc'], 2) == pytest.approx(acc)
+    assert round(100 * logged['summary']['cnn_setup/test_acc'], 2) == pytest.approx(acc)
     chosen, _, sensitivity = out['exercise_2_3'].partition('SENSITIVITY')  # the other substrate's table
-    for prefix, console in (('cnn', chosen), ('cnn_sensitivity', sensitivity)):
+    for name, console in (('cnn_faithfulness_table', chosen), ('cnn_sensitivity_faithfulness_table', sensitivity)):
+        rows = {row['method']: row for row in wandb_table(cam, name)}
         table_lines = '\n'.join(line for line in console.splitlines() if ' [' in line)  # value [ci]
         assert numbers_printed_are_logged(table_lines, {
-            label: {k.split('/', 2)[2]: v for k, v in logged.items() if k.startswith(f'{prefix}/{name}/')}
-            for name, label in LABELS.items()}) == 3 * 4 * len(LABELS)  # each metric and its interval
+            label: {k: v for k, v in rows[method].items() if k in BETTER or '/ci95_' in k}
+            for method, label in LABELS.items()}) == 3 * 4 * len(LABELS)  # each metric and its interval
 
 
 def numbers_printed_are_logged(console: str, values: dict[str, dict]) -> int:

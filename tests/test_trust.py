@@ -459,17 +459,17 @@ def test_run_that_fails_before_its_first_checkpoint_leaves_no_directory(config, 
 # Directions and data facts that a flipped sign would break
 
 def test_beats_random_follows_each_metrics_direction():
-    """explain.compare reads 'better' in each metric's own direction (ex23.BETTER), and a tie is not a win."""
-    from explain import compare
+    """explain.compare reads 'better' in each metric's own direction (explain.BETTER), and a tie is not a win."""
+    from explain import BETTER, compare
     n = torch.arange(200, dtype=torch.float64) / 200  # per-image values with some spread
     ours = {'deletion_auc': 0.2 + 0.01 * n, 'insertion_auc': 0.8 + 0.01 * n, 'average_drop': 10 + n,
             'increase_in_confidence': 30 + n}
     worse = {'deletion_auc': 0.3 + 0.01 * n, 'insertion_auc': 0.7 + 0.01 * n, 'average_drop': 20 + n,
              'increase_in_confidence': 20 + n}
-    verdicts = lambda a, b: {k: compare(a[k], b[k], better)['verdict'] for k, better in ex23.BETTER.items()}
-    assert verdicts(ours, worse) == dict.fromkeys(ex23.BETTER, 'better')
-    assert verdicts(worse, ours) == dict.fromkeys(ex23.BETTER, 'worse')
-    assert verdicts(ours, ours) == dict.fromkeys(ex23.BETTER, 'tie')  # a tie is not a win
+    verdicts = lambda a, b: {k: compare(a[k], b[k], better)['verdict'] for k, better in BETTER.items()}
+    assert verdicts(ours, worse) == dict.fromkeys(BETTER, 'better')
+    assert verdicts(worse, ours) == dict.fromkeys(BETTER, 'worse')
+    assert verdicts(ours, ours) == dict.fromkeys(BETTER, 'tie')  # a tie is not a win
 
 
 @pytest.mark.parametrize('dataset, pad, flip', [('cifar10', 4, True), ('fashion_mnist', 3, True),

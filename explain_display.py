@@ -1,0 +1,133 @@
+"""How exercise 2.3 shows what explain.py measures: the faithfulness table on the console, grids of
+example maps over their images, and the deletion / insertion curves. A module of its own so that
+explain.py holds the measures only."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from dataset import Split
+from evaluate import pyplot
+from explain import BASELINES, BETTER, explain_all, overlay
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+LABELS = {'cam': 'CAM', 'grad_cam': 'Grad-CAM', 'grad_cam_pp': 'Grad-CAM++', 'random': 'random',
+          'random_smooth': 'random smooth', 'constant': 'constant'}
+MARK = {'better': '+', 'worse': '-', 'tie': '='}  # a paired verdict in the printed table
+SHORT = {'black': 'removed = black, insertion from black', 'rise': 'removed = mean colour, insertion from a blur'}
+
+
+def print_table(title: str, table: dict, substrate: str, checks: dict, notes: bool = True) -> None:
+    """One table of explain.faithfulness on the console, a row per map; notes: the legend below it."""
+    print(f"\nfaithfulness, {title}; substrate '{substrate}': {SHORT[substrate]}")
+    print(f"  {'map':<13} {'deletion AUC (lower)':>27} {'insertion AUC (higher)':>27} "
+          f"{'Average Drop % (lower)':>27} {'Increase % (higher)':>27}")
+    for m, row in table.items():
+        cells = [f"{row[k]:.3f} [{row['ci95'][k][0]:.3f},{row['ci95'][k][1]:.3f}]" if 'auc' in k else
+                 f"{row[k]:.1f} [{row['ci95'][k][0]:.1f},{row['ci95'][k][1]:.1f}]" for k in BETTER]
+        if 'vs' in row:
+            cells = [c + ' ' + '/'.join(MARK[row['vs'][b][k]['verdict']] for b in row['vs'])
+                     for c, k in zip(cells, BETTER)]
+        print(f"  {LABELS[m]:<13} {cells[0]:>27} {cells[1]:>27} {cells[2]:>27} {cells[3]:>27}")
+    start = checks['insertion_start']
+    if not start['near_chance']:
+        print(f"  WARNING: {100 * start['agreement_with_prediction']:.0f}% of insertion's start images keep their "
+              f"prediction (chance {100 * start['chance']:.0f}%): insertion AUC measures little here")
+    if not notes:
+        return
+    print("  [95% bootstrap interval over images]; vs random / random smooth / constant, paired, at 95%: "
+          "+ better, - worse, = tie")
+    print("  'random' tests location: the random pixel order (deletion, insertion), the map's own pixels shuffled "
+          "(Average Drop, Increase)")
+    print(f"  CAM and Grad-CAM are one result, not two: with GAP + one linear layer Grad-CAM = ReLU(CAM) / (h*w), "
+          f"the same after min-max (max |diff| {checks['cam_vs_grad_cam_max_abs_diff']:.1e})")
+
+
+def pick_examples(y: Tensor, pred: Tensor, n_correct: int, n_wrong: int, num_classes: int) -> dict[str, list[int]]:
+    """The first n_correct correctly and n_wrong wrongly predicted test images of every class."""
+    out: dict[str, list[int]] = {'correct': [], 'wrong': []}
+    for c in range(num_classes):
+        out['correct'] += torch.nonzero((y == c) & (pred == c))[:n_correct, 0].tolist()
+        out['wrong'] += torch.nonzero((y == c) & (pred != c))[:n_wrong, 0].tolist()
+    return out
+
+
+def example_figures(model: nn.Module, split: Split, probs: Tensor, classes: list[str], layer: nn.Module,
+                    fc: nn.Linear, prefix: str, title: str, per_class: list[int], batch: int) -> dict[str, Figure]:
+    """{'<prefix>_correct' | '<prefix>_wrong': grid of maps} for the first per_class = [correct, wrong]
+    test images of every class (probs (N, n): the model's predictions on split)."""
+    picks = pick_examples(split.y, probs.argmax(1), *per_class, len(classes))
+    figures = {}
+    for kind, idx in picks.items():
+        if not idx:
+            print(f"{prefix}: no {kind} predictions to show")
+            continue
+        idx = torch.tensor(idx, device=split.x.device)
+        maps = explain_all(model, split.normalize(split.x[idx]), layer, fc, batch)
+        figures[f'{prefix}_{kind}'] = plot_maps(split.x[idx].cpu(), {m: v.cpu() for m, v in maps.items()},
+                                                probs[idx].cpu(), split.y[idx].cpu(), classes,
+                                                f"{title}: {kind} predictions, maps of the predicted class")
+    return figures
+
+
+def plot_maps(images: Tensor, maps: dict[str, Tensor], probs: Tensor, y: Tensor, classes: list[str], title: str,
+              per_row: int = 2) -> Figure:
+    """`per_row` images per row (the examples of one class side by side), each as a group: the image
+    (true and predicted class, p of the prediction), then each method's map over it. images uint8
+    (B, C, H, W), maps {method: (B, H, W)}, probs (B, n), all on the CPU."""
+    plt = pyplot()
+    b, group = len(images), 1 + len(maps)
+    rows, cols = -(-b // per_row), per_row * group
+    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols, 1.45 * rows + 0.5), squeeze=False,
+                             layout='constrained')  # constrained: the title never overlaps the headers
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i in range(b):
+        row, first = i // per_row, (i % per_row) * group
+        img = images[i]
+        ax = axes[row, first]
+        if img.shape[0] == 1:
+            ax.imshow(img[0].numpy(), cmap='gray', vmin=0, vmax=255)
+        else:
+            ax.imshow(img.permute(1, 2, 0).numpy())  # (C, H, W) -> (H, W, C)
+        pred = int(probs[i].argmax())
+        right = pred == int(y[i])
+        ax.set_title(f"{classes[y[i]]}" + ('' if right else f"\n→ {classes[pred]}") + f" {probs[i, pred]:.2f}",
+                     fontsize=7, color='green' if right else 'red')
+        rgb = img.expand(3, -1, -1)  # overlay wants 3 channels; grey images are repeated
+        for j, (name, m) in enumerate(maps.items()):
+            ax = axes[row, first + 1 + j]
+            ax.imshow(overlay(rgb, m[i]))
+            if row == 0:
+                ax.set_title(LABELS[name], fontsize=8)
+    fig.suptitle(f"{title}\n(title: true class, → predicted if wrong, p of the prediction; "
+                 f"green right, red wrong; maps of the predicted class)", fontsize=9)
+    return fig
+
+
+def plot_faithfulness(curves: dict, table: dict, title: str, substrate: str) -> Figure:
+    """Deletion and insertion: the mean curve of every map, its AUC in the legend; baselines grey."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, kind in zip(axes, ('deletion', 'insertion')):
+        for m, cs in curves.items():
+            x = torch.linspace(0, 1, len(cs[kind])).tolist()
+            ax.plot(x, cs[kind], label=f"{LABELS[m]} (AUC {table[m][f'{kind}_auc']:.3f})",
+                    linestyle={'random': '--', 'random_smooth': ':', 'constant': '-.'}.get(m, '-'),
+                    color='gray' if m in BASELINES else None)
+        what = {('black', 'deletion'): 'deleted (set to black)', ('black', 'insertion'): 'inserted into a black image',
+                ('rise', 'deletion'): 'deleted (set to the mean colour)',
+                ('rise', 'insertion'): 'inserted into the blurred image'}[substrate, kind]
+        ax.set_xlabel(f'fraction of pixels {what}', fontsize=8)
+        ax.set_ylabel('p(predicted class)')
+        better = 'lower' if kind == 'deletion' else 'higher'
+        ax.set_title(f"{kind}, most salient pixels first ({better} AUC = more faithful)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
