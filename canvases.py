@@ -196,3 +196,9 @@ def crop_data(data: Data, canvas_keys: dict, n_canvases: int, max_shift: int, ra
         splits[name] = Split(x=x, y=y, mean=split.mean.cpu(), std=split.std.cpu())
         counts[name] = {'canvases': n, 'crops': len(y), 'background': int((y == data.num_classes).sum())}
     return Data(name=f'{data.name}-crops', classes=data.classes + ['background'], **splits), counts
+
+
+def crop_summary(counts: dict) -> str:
+    """crop_data's counts as one line: 'train 140 (88 background, 12 canvases), val ...'."""
+    return ', '.join(f"{split} {c['crops']:,} ({c['background']:,} background, {c['canvases']:,} "
+                     f"canvas{'' if c['canvases'] == 1 else 'es'})" for split, c in counts.items())

@@ -109,24 +109,11 @@ def _linear_as_conv(linear: nn.Linear, in_channels: int, kernel: tuple[int, int]
 
 def fully_convolutionalize(model: nn.Module, input_shape: tuple[int, int, int]) -> FullyConvolutional:
     """The classifier `model` (trained on (C, H, W) = input_shape images, H == W) as a fully
-    convolutional net with the same weights. On an input_shape image its output is (B, n, 1, 1)
-    and equals model(x); on a larger canvas, output (i, j) is the classifier's logits for the crop
-    at (stride*i, stride*j) — exactly for the MLP, approximately for the CNN (see below).
-
-    models.MLP: the first Linear over the flattened C x H x W image becomes an H x W conv (the
-      same weights, viewed as (out, C, H, W)); later Linears become 1x1 convs; ReLU stays, Dropout
-      goes (eval). Stride 1, receptive field H: output (i, j) IS the MLP on that crop.
-    models.CNN: the conv features are kept as they are; the GAP + Linear head becomes the Linear as
-      a 1x1 conv on the final maps (per-cell class scores, i.e. CAMs) followed by a stride-1 average
-      over the h x w cells a training-size input produces (the GAP restricted to one crop's cells).
-      Linear and average commute, so on an input_shape image this is exactly GAP + Linear. On a
-      canvas, a crop at a stride-aligned position gets the same pooling phase but its border convs
-      see the neighbouring pixels instead of the zero padding the classifier saw, so output (i, j)
-      is the classifier on the crop up to that border effect (exact for layers the padding does not
-      reach).
-    Anything else (e.g. SkipMLP, whose residual blocks are not linear maps of local patches) is a
-    UserError.
-    """
+    convolutional net with the same weights: on an input_shape image it gives model(x) as (B, n, 1, 1);
+    on a canvas, output (i, j) is the classifier on the crop at (stride*i, stride*j), exactly for
+    models.MLP (its Linears become convs) and up to the crop's border padding for models.CNN (GAP +
+    Linear becomes a 1x1 conv and a stride-1 average over one crop's cells): docs/exercise_2_2.md
+    says why. Any other model (e.g. SkipMLP) is a UserError."""
     c, h, w = input_shape
     if h != w:
         raise UserError(f"surgery needs square classifier inputs, got {h}x{w}")
@@ -168,6 +155,20 @@ def fully_convolutionalize(model: nn.Module, input_shape: tuple[int, int, int]) 
     if out.shape[-2:] != (1, 1):  # the geometry's promise: one crop, one output position
         raise UserError(f"the converted {name} gives a {tuple(out.shape[-2:])} map on one {h}x{w} crop, not 1x1")
     return fcn
+
+
+def with_background(model: nn.Module) -> nn.Module:
+    """The same classifier with one more output (the background class, last), its old rows kept."""
+    old = model.classifier
+    new = nn.Linear(old.in_features, old.out_features + 1)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.bias.zero_()
+        new.weight[:-1].copy_(old.weight)
+        new.bias[:-1].copy_(old.bias)
+    model.classifier = new
+    model.args = {**model.args, 'num_classes': old.out_features + 1}
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

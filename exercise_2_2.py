@@ -103,29 +103,23 @@ def _pair(v) -> bool:
     return len(v) == 2 and all(type(i) is int for i in v) and 1 <= v[0] <= v[1]
 
 
-# (key, test, what the value must be): 2.2's own keys, checked before any work (config.check does COMMON's)
+# (key, test, what the value must be): 2.2's own keys, for config.check before any work
 LIMITS = [
-    ('finetune_canvases', lambda v: v >= 1, '>= 1'),
-    ('finetune_epochs', lambda v: v >= 1, '>= 1'),
+    *[(key, lambda v: v >= 1, '>= 1') for key in ('finetune_canvases', 'finetune_epochs', 'test_canvases',
+                                                    'val_canvases', 'timing_threads')],
+    *[(key, lambda v: v >= 0, '>= 0') for key in ('random_crops', 'min_gap', 'refine_margin', 'figure_canvases')],
     ('finetune_lr', lambda v: v > 0, '> 0'),
-    ('random_crops', lambda v: v >= 0, '>= 0'),
     ('max_shift', lambda v: 0 <= v < 3 * WINDOW // 4,
      f'in [0, {3 * WINDOW // 4 - 1}]: off-centre (background) crops are shifted by more, up to 3/4 of the '
      f'{WINDOW} px window'),
     ('canvas_size', lambda v: v >= WINDOW, f'>= {WINDOW}, the classifier\'s window'),
     ('objects', _pair, '[min, max] whole numbers with 1 <= min <= max'),
     ('object_size', _pair, '[min, max] whole numbers with 1 <= min <= max'),
-    ('min_gap', lambda v: v >= 0, '>= 0'),
     ('ink_threshold', lambda v: 0 <= v < 255, 'in [0, 254] (uint8 levels above it are ink)'),
-    ('test_canvases', lambda v: v >= 1, '>= 1'),
-    ('val_canvases', lambda v: v >= 1, '>= 1'),
     ('score_threshold', lambda v: v <= 1, '<= 1 (< 0: chosen on the val canvases)'),
     ('min_score', lambda v: 0 <= v <= 1, 'in [0, 1]'),
     ('nms_iou', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('agnostic_iou', lambda v: 0 < v <= 1, 'in (0, 1] (1 = off)'),
-    ('refine_margin', lambda v: v >= 0, '>= 0'),
-    ('timing_threads', lambda v: v >= 1, '>= 1'),
-    ('figure_canvases', lambda v: v >= 0, '>= 0'),
 ]
 
 
@@ -139,11 +133,6 @@ ABLATION_METRICS = ('map_50', 'map', 'precision', 'recall', 'f1', 'count_acc', '
 
 # ---------------------------------------------------------------------------------------------
 # Training stages (ordinary runs; reused when their identity matches)
-
-def file_digest(path: str) -> str:
-    with open(path, 'rb') as f:
-        return hashlib.sha256(f.read()).hexdigest()[:8]
-
 
 def stage_name(kind: str, stage_config: dict, identity: dict) -> str:
     return f"{kind}-{stage_config['dataset']}-{digest(identity)}"
@@ -175,20 +164,6 @@ def build_classifier(config: dict, data: Data) -> nn.Module:
                dropout=config['dropout'])
 
 
-def with_background(model: nn.Module) -> nn.Module:
-    """The same classifier with one more output (the background class, last), its old rows kept."""
-    old = model.classifier
-    new = nn.Linear(old.in_features, old.out_features + 1)
-    with torch.no_grad():
-        new.weight.zero_()
-        new.bias.zero_()
-        new.weight[:-1].copy_(old.weight)
-        new.bias[:-1].copy_(old.bias)
-    model.classifier = new
-    model.args = {**model.args, 'num_classes': old.out_features + 1}
-    return model
-
-
 def classifier_data(classifier: nn.Module, ckpt: dict, path: str, config: dict, overrides: dict) -> Data:
     """The classifier's own dataset (its checkpoint's config), checked to suit the canvases."""
     try:  # a model that cannot be converted stops here
@@ -208,12 +183,6 @@ def classifier_data(classifier: nn.Module, ckpt: dict, path: str, config: dict, 
     return data
 
 
-def crop_summary(counts: dict) -> str:
-    """canvases.crop_data's counts as one line: 'train 140 (88 background, 12 canvases), val ...'."""
-    return ', '.join(f"{split} {c['crops']:,} ({c['background']:,} background, {c['canvases']:,} "
-                     f"canvas{'' if c['canvases'] == 1 else 'es'})" for split, c in counts.items())
-
-
 def background_stage(config: dict, stage: dict, data: Data, classifier_path: str) -> tuple[nn.Module, dict]:
     """Track B's classifier: fine-tuned with a background class on crops (reused when identical).
     Returns the model and its record for results.json."""
@@ -225,15 +194,17 @@ def background_stage(config: dict, stage: dict, data: Data, classifier_path: str
                                                         config['max_shift'], config['random_crops'],
                                                         config['canvas_seed'])
         crops_made['crop_seconds'] = time.perf_counter() - t0
-        print(f"background crops in {crops_made['crop_seconds']:.1f} s: {crop_summary(crops_made['crops'])}")
+        print(f"background crops in {crops_made['crop_seconds']:.1f} s: {canvases.crop_summary(crops_made['crops'])}")
         for split in (crops.train, crops.val, crops.test):
             split.x, split.y, split.mean, split.std = (t.to(device) for t in (split.x, split.y, split.mean, split.std))
         return crops
     finetune_config = {**stage, 'dataset': data.name, 'epochs': config['finetune_epochs'],
                        'lr': config['finetune_lr'], 'checkpoint': classifier_path, 'augment': False}
-    identity = {'classifier': file_digest(classifier_path), **{k: config[k] for k in FINETUNE_KEYS}}
+    with open(classifier_path, 'rb') as f:  # the classifier's file stands for its own keys
+        identity = {'classifier': hashlib.file_digest(f, 'sha256').hexdigest()[:8],
+                    **{k: config[k] for k in FINETUNE_KEYS}}
     path, results = train_stage('background', finetune_config, identity, make_crops,
-                                lambda c, d: with_background(load_model(classifier_path)[0]))
+                                lambda c, d: detect.with_background(load_model(classifier_path)[0]))
     return load_model(path)[0], {'checkpoint': path, 'crop_test_acc': results.get('test_acc'),
                                  'train_seconds': results.get('train_seconds'), **(crops_made or {'reused': True})}
 
@@ -377,14 +348,13 @@ def write_records(run: Run, results: dict, tracks: dict, figs: dict, data: Data,
                                          'ex22_')
     results['provenance'] = run.provenance(data)
     write_json(run.path('results.json'), results)
-    print_table(results)
-    if ablation:
-        print_ablation(ablation)
+    print_results(results)
     print(f"-> {run.path('results.json')}")
     run.finish(results)
 
 
-def print_table(results: dict) -> None:
+def print_results(results: dict) -> None:
+    """The track table, then the box ablation (if any)."""
     cols = [('map_50', 'mAP@0.5'), ('map', 'mAP@[.5:.95]'), ('mar_100', 'mAR@100'), ('precision', 'P'),
             ('recall', 'R'), ('f1', 'F1'), ('count_acc', 'count acc'), ('ms_per_canvas', 'ms/canvas'),
             ('threshold', 'threshold')]
@@ -393,15 +363,13 @@ def print_table(results: dict) -> None:
     for name, m in results['tracks'].items():
         print(f"  {TRACKS[name]:<38}" + ''.join(f"{m[k]:>13.4f}" if k != 'ms_per_canvas' else f"{m[k]:>13.1f}"
                                                 for k, _ in cols))
-
-
-def print_ablation(ablation: dict) -> None:
-    print("\nbox ablation (each variant thresholded on the val canvases)")
-    cols = ('map_50', 'map', 'f1', 'count_acc')
-    print(f"  {'track':<26}{'variant':<28}" + ''.join(f"{k:>11}" for k in cols))
-    for track, variants in ablation.items():
-        for name, m in variants.items():
-            print(f"  {TRACKS[track][:24]:<26}{name:<28}" + ''.join(f"{m[k]:>11.4f}" for k in cols))
+    if results['box_ablation']:
+        print("\nbox ablation (each variant thresholded on the val canvases)")
+        cols = ('map_50', 'map', 'f1', 'count_acc')
+        print(f"  {'track':<26}{'variant':<28}" + ''.join(f"{k:>11}" for k in cols))
+        for track, variants in results['box_ablation'].items():
+            for name, m in variants.items():
+                print(f"  {TRACKS[track][:24]:<26}{name:<28}" + ''.join(f"{m[k]:>11.4f}" for k in cols))
 
 
 if __name__ == '__main__':

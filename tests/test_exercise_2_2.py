@@ -341,7 +341,7 @@ def test_bad_input_is_one_line(tiny_mnist, tmp_path, capsys):
     torch.save({'model': model.state_dict(), 'model_class': 'SkipMLP', 'model_args': model.args,
                 'config': {**ex22.config, 'dataset': 'mnist'}}, skip)
     background = tmp_path / 'background.pt'                          # 2.2's own background classifier: 11 classes
-    model = ex22.with_background(CNN(1, 10, [4, 8, 16], depth=0, variant='plain'))
+    model = detect.with_background(CNN(1, 10, [4, 8, 16], depth=0, variant='plain'))
     torch.save({'model': model.state_dict(), 'model_class': 'CNN', 'model_args': model.args, 'exercise': EX,
                 'config': {**ex22.config, 'dataset': 'mnist', 'data_dir': tiny_mnist}}, background)
     for argv, words in ((['--checkpoint', str(skip)], 'holds a SkipMLP'),
