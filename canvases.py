@@ -183,17 +183,17 @@ def background_crops(canvases: Canvases, window: int, max_shift: int, random_per
 
 
 def crop_data(data: Data, canvas_keys: dict, n_canvases: int, max_shift: int, random_crops: int,
-              canvas_seed: int) -> tuple[Data, dict]:
-    """Track B's 11-class crops (uint8, class 10 = background), cut from canvases of each split:
-    train from the train split, val and test (reported, never selected on) from theirs, each with
-    its own seed stream. Returns the crops as a Data and per split {'canvases', 'crops', 'background'}."""
+              canvas_seed: int, device: torch.device | str = 'cpu') -> tuple[Data, dict]:
+    """Track B's 11-class crops (uint8, class 10 = background) on `device`, cut from canvases of each
+    split: train from the train split, val and test (reported, never selected on) from theirs, each
+    with its own seed stream. Returns the crops and per split {'canvases', 'crops', 'background'}."""
     splits, counts = {}, {}
     sizes = (n_canvases, max(n_canvases // 10, 1), max(n_canvases // 10, 1))
     for stream, (name, n) in enumerate(zip(('train', 'val', 'test'), sizes)):
         split, seed = getattr(data, name), [canvas_seed, 10 + stream]
         canvases = make_canvases(split.x, split.y, n, seed, **canvas_keys)
         x, y = background_crops(canvases, data.shape[-1], max_shift, random_crops, seed, background=data.num_classes)
-        splits[name] = Split(x=x, y=y, mean=split.mean.cpu(), std=split.std.cpu())
+        splits[name] = Split(x=x.to(device), y=y.to(device), mean=split.mean.to(device), std=split.std.to(device))
         counts[name] = {'canvases': n, 'crops': len(y), 'background': int((y == data.num_classes).sum())}
     return Data(name=f'{data.name}-crops', classes=data.classes + ['background'], **splits), counts
 

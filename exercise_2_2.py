@@ -192,11 +192,9 @@ def background_stage(config: dict, stage: dict, data: Data, classifier_path: str
         t0 = time.perf_counter()
         crops, crops_made['crops'] = canvases.crop_data(data, canvas_keys(config), config['finetune_canvases'],
                                                         config['max_shift'], config['random_crops'],
-                                                        config['canvas_seed'])
+                                                        config['canvas_seed'], device)
         crops_made['crop_seconds'] = time.perf_counter() - t0
         print(f"background crops in {crops_made['crop_seconds']:.1f} s: {canvases.crop_summary(crops_made['crops'])}")
-        for split in (crops.train, crops.val, crops.test):
-            split.x, split.y, split.mean, split.std = (t.to(device) for t in (split.x, split.y, split.mean, split.std))
         return crops
     finetune_config = {**stage, 'dataset': data.name, 'epochs': config['finetune_epochs'],
                        'lr': config['finetune_lr'], 'checkpoint': classifier_path, 'augment': False}
@@ -227,7 +225,8 @@ def run_track(model: nn.Module, data: Data, val: canvases.Canvases, test: canvas
     mean, std = data.train.mean.cpu(), data.train.std.cpu()
     fixed = config['score_threshold'] >= 0
     t0 = time.perf_counter()
-    score = detect.score(fcn, val, test, mean, std, decoding(config, data), config['score_threshold'] if fixed else None)
+    score = detect.score(fcn, val, test, mean, std, decoding(config, data),
+                         config['score_threshold'] if fixed else None)
     ms = detect.time_per_canvas(fcn, test, mean, std, decoding(config, data), score.threshold, config['timing_threads'])
     metrics = {**score.metrics, 'ms_per_canvas': ms, 'threshold': score.threshold,
                'threshold_from': ('fixed (--score_threshold)' if fixed else
@@ -304,8 +303,9 @@ def main(config: dict, overrides: dict) -> dict:
         'classifier': {'checkpoint': path, 'model_class': ckpt['model_class'], 'model_args': ckpt['model_args'],
                        'test_acc': stage_results(path).get('test_acc')},
         'background_classifier': background_record,
-        'canvases': {**canvas_keys(config), 'test': {'split': 'test', 'n': len(test), 'seed': [config['canvas_seed'], 0],
-                                                     'objects': sum(len(b) for b in test.boxes)},
+        'canvases': {**canvas_keys(config),
+                     'test': {'split': 'test', 'n': len(test), 'seed': [config['canvas_seed'], 0],
+                              'objects': sum(len(b) for b in test.boxes)},
                      'val': {'split': 'val', 'n': len(val), 'seed': [config['canvas_seed'], 1]}},
         'tracks': {name: t['metrics'] for name, t in tracks.items()},
         'box_ablation': ablation,

@@ -317,9 +317,10 @@ def test_tables_reach_tensorboard_as_text(runs):
     [text] = tensorboard(os.path.join(rd, 'exercise_1_2', 'study')).Tensors('study/text_summary')
     assert text.tensor_proto.string_val[0].decode().startswith('| model | depth | width |')
     [detect] = glob.glob(os.path.join(rd, 'exercise_2_2', 'detect-*'))
-    assert tensorboard(detect).Tensors('tracks/text_summary') and tensorboard(detect).Tensors('box_ablation/text_summary')
+    events = tensorboard(detect)
+    assert events.Tensors('tracks/text_summary') and events.Tensors('box_ablation/text_summary')
     # one-off results are HParams metrics and text, not one-dot scalar charts of their own (issue 21 part 8)
-    assert all(tag.startswith('results/') for tag in tensorboard(detect).Tags()['scalars'])
+    assert all(tag.startswith('results/') for tag in events.Tags()['scalars'])
 
 
 # ---------------------------------------------------------------------------------------------
