@@ -6,7 +6,7 @@ columns 3..9 is x1=3, x2=10 (its width is x2 - x1). Ground truth and predictions
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,13 +25,16 @@ class Canvases:
     labels: list[Tensor]         # per canvas (k,) int64
     centres: list[Tensor]        # per canvas (k, 2) float32: (y, x) centre of each placed image
     sources: list[Tensor]        # per canvas (k,) int64: index of each image in its split
+    placements: list[Tensor] = field(default_factory=list)  # per canvas (k, 4) xyxy: each image's whole square
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def targets(self) -> list[dict[str, Tensor]]:
-        """Ground truth per canvas, as torchmetrics and detect.match take it."""
-        return [{'boxes': b, 'labels': c} for b, c in zip(self.boxes, self.labels)]
+    def targets(self, truth: str = 'ink') -> list[dict[str, Tensor]]:
+        """Ground truth per canvas, as torchmetrics and detect.match take it: the tight ink boxes, or
+        (truth='placement') the square where each image was placed (28x28 unless scaled)."""
+        boxes = self.placements if truth == 'placement' else self.boxes
+        return [{'boxes': b, 'labels': c} for b, c in zip(boxes, self.labels)]
 
 
 def ink_box(img: np.ndarray, ink_threshold: int) -> tuple[int, int, int, int] | None:
@@ -89,7 +92,7 @@ def make_canvases(x: np.ndarray | Tensor, y: np.ndarray | Tensor, n: int, seed: 
     out = Canvases(torch.from_numpy(images), [], [], [], [])
     for k in range(n):
         for _restart in range(50):
-            canvas, boxes, labels, centres, sources = images[k, 0], [], [], [], []
+            canvas, boxes, labels, centres, sources, squares = images[k, 0], [], [], [], [], []
             canvas[:] = 0
             for _ in range(rng.integers(objects[0], objects[1] + 1)):
                 idx = int(usable[rng.integers(len(usable))])
@@ -108,6 +111,7 @@ def make_canvases(x: np.ndarray | Tensor, y: np.ndarray | Tensor, n: int, seed: 
                 boxes.append(b)
                 labels.append(int(y[idx]))
                 centres.append((top + s / 2, left + s / 2))
+                squares.append((left, top, left + s, top + s))
                 sources.append(idx)
             else:
                 break
@@ -118,6 +122,7 @@ def make_canvases(x: np.ndarray | Tensor, y: np.ndarray | Tensor, n: int, seed: 
         out.labels.append(torch.tensor(labels, dtype=torch.int64))
         out.centres.append(torch.tensor(centres, dtype=torch.float32).view(-1, 2))
         out.sources.append(torch.tensor(sources, dtype=torch.int64))
+        out.placements.append(torch.tensor(squares, dtype=torch.float32).view(-1, 4))
     return out
 
 

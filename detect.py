@@ -31,13 +31,8 @@ from evaluate import pyplot
 @dataclass(frozen=True)
 class Geometry:
     """Where an output position of a fully convolutional net looks in its input (one axis; square).
-
     Output (i, j) sees input rows [offset + stride*i, offset + stride*i + receptive_field) (and the
-    same for columns): everything outside cannot change it. It stands for the classifier's view of
-    the `window` x `window` crop whose top-left corner is (stride*i, stride*j): on a window-sized
-    input the net has one output position, the crop at (0, 0), and shifting the input by `stride`
-    shifts the output by one.
-    """
+    same for columns), and stands for the `window` x `window` crop at (stride*i, stride*j)."""
     stride: int            # input px per output step
     receptive_field: int   # input px one output position depends on (may exceed window: padding)
     offset: int            # first input px of output 0's receptive field (< 0: it reaches into padding)
@@ -414,17 +409,17 @@ class Score:
 
 
 def score(fcn: FullyConvolutional, val: Canvases, test: Canvases, mean: Tensor, std: Tensor, decoding: Decoding,
-          threshold: float | None = None) -> Score:
+          threshold: float | None = None, truth: str = 'ink') -> Score:
     """threshold -> decode -> NMS -> match -> metrics. The threshold is given, or (None) the best-F1
     one of the output on the val canvases; the test canvases never select anything. COCO mAP ranks
     every per-class detection >= min_score; P / R / F1 and count accuracy are the output's, at the
-    threshold."""
+    threshold. `truth`: the ground-truth boxes (Canvases.targets): 'ink' or 'placement'."""
     if threshold is None:
         val_preds, _ = detect(fcn, val, mean, std, decoding, decoding.min_score)
         threshold = best_threshold(*match([agnostic_nms(p, decoding.agnostic_iou) for p in val_preds],
-                                          val.targets()))
+                                          val.targets(truth)))
     preds, first_maps = detect(fcn, test, mean, std, decoding, min(decoding.min_score, threshold))
-    targets = test.targets()
+    targets = test.targets(truth)
     output = [agnostic_nms(p, decoding.agnostic_iou) for p in preds]
     scores, tp, n_gt = match(output, targets)
     metrics = {**coco_metrics(preds, targets), **prf_at(scores, tp, n_gt, threshold),

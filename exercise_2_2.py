@@ -123,11 +123,13 @@ LIMITS = [
 ]
 
 
-# The box ablation: which part of each number the network earns. (refine, drop_empty) of detect.Decoding.
-ABLATION = {'ink_refined_no_ink_dropped': (True, True),     # the detector as reported
-            'ink_refined_all_windows': (True, False),       # no hand-made objectness: empty windows stay
-            'raw_windows_no_ink_dropped': (False, True),    # the network's own box: the window it fired in
-            'raw_windows_all_windows': (False, False)}      # the network alone: no ink heuristics at all
+# The box ablation: which part of each number the network earns. (refine, drop_empty) of detect.Decoding,
+# and the ground truth scored against (canvases.Canvases.targets): tight ink boxes, or each image's placed square.
+ABLATION = {'ink_refined_no_ink_dropped': (True, True, 'ink'),     # the detector as reported
+            'ink_refined_all_windows': (True, False, 'ink'),       # no hand-made objectness: empty windows stay
+            'raw_windows_no_ink_dropped': (False, True, 'ink'),    # the network's own box: the window it fired in
+            'raw_windows_all_windows': (False, False, 'ink'),      # the network alone: no ink heuristics at all
+            'raw_windows_vs_placement': (False, False, 'placement')}  # the network alone vs the placed squares
 ABLATION_METRICS = ('map_50', 'map', 'precision', 'recall', 'f1', 'count_acc', 'threshold')
 
 
@@ -247,8 +249,8 @@ def box_ablation(model: nn.Module, data: Data, val: canvases.Canvases, test: can
     fcn = detect.fully_convolutionalize(model, data.shape)
     mean, std = data.train.mean.cpu(), data.train.std.cpu()
     out = {'ink_refined_no_ink_dropped': {k: reported[k] for k in ABLATION_METRICS}}
-    for name, (refine, drop_empty) in list(ABLATION.items())[1:]:
-        score = detect.score(fcn, val, test, mean, std, decoding(config, data, refine, drop_empty))
+    for name, (refine, drop_empty, truth) in list(ABLATION.items())[1:]:
+        score = detect.score(fcn, val, test, mean, std, decoding(config, data, refine, drop_empty), truth=truth)
         out[name] = {k: score.threshold if k == 'threshold' else score.metrics[k] for k in ABLATION_METRICS}
     return out
 
@@ -309,7 +311,7 @@ def main(config: dict, overrides: dict) -> dict:
                      'val': {'split': 'val', 'n': len(val), 'seed': [config['canvas_seed'], 1]}},
         'tracks': {name: t['metrics'] for name, t in tracks.items()},
         'box_ablation': ablation,
-        'box_ablation_means': {k: {'refine': r, 'drop_empty': d} for k, (r, d) in ABLATION.items()},
+        'box_ablation_means': {k: {'refine': r, 'drop_empty': d, 'truth': t} for k, (r, d, t) in ABLATION.items()},
         'targets_unmeasured': TARGETS,
         'hardware': {**device_info(torch.device('cpu')), 'torch_version': torch.__version__,
                      'load_average_start': load_start, 'load_average_end': os.getloadavg()},

@@ -119,7 +119,8 @@ def test_canvases_are_seeded_real_images_with_tight_separate_ink_boxes():
         img, boxes = cv.images[k, 0], cv.boxes[k].long()
         assert 3 <= len(boxes) <= 4 and torch.equal(cv.labels[k], y[cv.sources[k]])
         covered = torch.zeros_like(img, dtype=torch.bool)
-        for b, src, (cy, cx) in zip(boxes.tolist(), cv.sources[k].tolist(), cv.centres[k].tolist()):
+        for b, src, (cy, cx), placed in zip(boxes.tolist(), cv.sources[k].tolist(), cv.centres[k].tolist(),
+                                            cv.placements[k].tolist()):
             x0, y0, x1, y1 = b
             patch = img[y0:y1, x0:x1]
             assert canvases.ink_box(patch.numpy(), 32) == (0, 0, y1 - y0, x1 - x0)   # tight around the ink
@@ -127,6 +128,7 @@ def test_canvases_are_seeded_real_images_with_tight_separate_ink_boxes():
             ry0, rx0, ry1, rx1 = canvases.ink_box(ref.numpy(), 32)
             assert torch.equal(patch, ref[ry0:ry1, rx0:rx1])                     # the real image, unscaled
             assert (cy - 14, cx - 14) == (y0 - ry0, x0 - rx0)                   # centre of the placed image
+            assert placed == [cx - 14, cy - 14, cx + 14, cy + 14]                # its whole 28x28 square
             covered[y0:y1, x0:x1] = True
         assert not (img[~covered] > 32).any()                                   # no ink outside the boxes
         for a in range(len(boxes)):                                             # gaps of >= 2 px
@@ -136,6 +138,10 @@ def test_canvases_are_seeded_real_images_with_tight_separate_ink_boxes():
     jitter = canvases.make_canvases(x, y, 6, [0, 0], canvas_size=100, objects=[3, 3], object_size=[20, 36])
     sizes = torch.cat([b[:, 2] - b[:, 0] for b in jitter.boxes])
     assert sizes.max() > 22                                                     # some images were scaled up
+    for ink, placed in zip(jitter.boxes, jitter.placements):                    # each placed square holds its ink
+        assert (placed[:, :2] <= ink[:, :2]).all() and (ink[:, 2:] <= placed[:, 2:]).all()
+        assert torch.equal(placed[:, 2] - placed[:, 0], placed[:, 3] - placed[:, 1])
+    assert [t['boxes'] for t in jitter.targets('placement')] == jitter.placements
 
 
 def test_a_canvas_too_small_is_one_line():
@@ -254,6 +260,23 @@ def test_decode_nms_removes_same_class_duplicates_and_keeps_other_classes():
     assert len(detect.agnostic_nms(out, 1.0)['boxes']) == 2
 
 
+def test_a_raw_window_on_the_placed_square_is_a_hit_against_placement_truth_only():
+    """The box ablation's last row: the network's own box (its 28x28 window) scored against where the
+    image was placed; against the tight ink box of a small blob the same window misses."""
+    img = torch.zeros(1, 1, 100, 100, dtype=torch.uint8)
+    img[0, 0, 18:26, 26:34] = 200                                      # an 8x8 blob inside the square at (8, 16)
+    cv = canvases.Canvases(img, [torch.tensor([[26., 18, 34, 26]])], [torch.tensor([5])],
+                           [torch.tensor([[22., 30.]])], [torch.tensor([0])], [torch.tensor([[16., 8, 44, 36]])])
+    probs = torch.zeros(11, 10, 10)
+    probs[10] = 1.0
+    probs[:, 1, 2], probs[5, 1, 2] = 0, 0.9                          # the window at (8, 16): the placed square
+    g = detect.Geometry(stride=8, receptive_field=38, offset=-7, window=28)
+    out = detect.decode(probs, img[0, 0].numpy(), g, 10, 0.5, 0.3, 32, 4, refine=False, drop_empty=False)
+    assert out['boxes'].tolist() == [[16., 8, 44, 36]]
+    assert detect.match([out], cv.targets('placement'))[1].tolist() == [True]
+    assert detect.match([out], cv.targets())[1].tolist() == [False]    # IoU 64/784 with the ink box
+
+
 def test_metric_wiring_on_known_cases():
     boxes = torch.tensor([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10]], dtype=torch.float)
     target = [{'boxes': boxes, 'labels': torch.zeros(4, dtype=torch.long)}]
@@ -314,6 +337,9 @@ def test_smoke_run_writes_results_and_figures_and_stages_are_reused(tiny_mnist, 
         assert {'map_50', 'map', 'mar_100', 'precision', 'recall', 'f1', 'count_acc', 'ms_per_canvas'} <= set(m)
         assert 0 <= m['map'] <= m['map_50'] <= 1 and m['threshold_from'].endswith('val-split canvases')
         assert m['surgery']['max_abs_diff_on_crops'] <= 1e-4 and m['geometry']['stride'] == 8
+    for variants in results['box_ablation'].values():                          # every variant of each track
+        assert set(variants) == set(ex22.ABLATION) and variants['raw_windows_vs_placement']['map'] <= 1
+    assert results['box_ablation_means']['raw_windows_vs_placement']['truth'] == 'placement'
     assert results['canvases']['test'] == {'split': 'test', 'n': 4, 'seed': [0, 0],
                                            'objects': results['tracks']['zero_shot']['objects']}
     for name in ('detections', 'score_maps', 'pr_curve'):
