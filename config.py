@@ -203,9 +203,10 @@ def check_run_name(name: str) -> None:
                         f"no control characters, not starting with '.' or '-'")
 
 
-def check(config: dict[str, Any], choices: dict[str, tuple] | None = None) -> None:
-    """Values out of range or outside their choices -> UserError naming the key."""
-    for key, ok, what in LIMITS:
+def check(config: dict[str, Any], choices: dict[str, tuple] | None = None, limits: list[tuple] = ()) -> None:
+    """Values out of range or outside their choices -> UserError naming the key. `limits` adds a
+    script's own (key, test, what) rows to LIMITS."""
+    for key, ok, what in [*LIMITS, *limits]:
         if key in config and not ok(config[key]):
             raise UserError(f"--{key} must be {what}, got {config[key]!r}")
     for key, allowed in {**CHOICES, **(choices or {})}.items():

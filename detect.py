@@ -1,16 +1,12 @@
-"""Exercise 2.2's machinery: a trained classifier turned into a detector by network surgery.
+"""Exercise 2.2's detector: a trained classifier turned into one by network surgery, and scored.
 
   fully_convolutionalize(model, input_shape)  the classifier as a conv net with the same weights
-  make_canvases(...)                          seeded test canvases: real images on black, ink boxes
-  background_crops(...)                       11-class crops (class 10 = background) for fine-tuning
-  crop_corners(...)                           where those crops are cut (bounded draws)
   decode(...)                                 score maps -> peaks -> ink-refined boxes -> per-class NMS
-  agnostic_nms(...)                           one label per object, for the detector's output
-  coco_metrics / match / pr_curve / ...       COCO mAP (torchmetrics) and P / R / F1 at IoU >= 0.5
+  score(...)                                  threshold -> decode -> NMS -> match -> metrics (COCO, P/R/F1, count)
   plot_detections / plot_score_maps / plot_pr figures
 
-Coordinates: boxes are xyxy floats in canvas pixels with exclusive ends, so the box of pixel
-columns 3..9 is x1=3, x2=10 (its width is x2 - x1). Ground truth and predictions use one rule.
+The canvases it is scored on are canvases.py's. Boxes are xyxy floats with exclusive ends, as there.
+Why the surgery is exact (MLP) or nearly so (CNN): docs/exercise_2_2.md.
 """
 from __future__ import annotations
 
@@ -24,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import models
+from canvases import Canvases, ink_box
 from config import UserError
 from evaluate import pyplot
 
@@ -34,13 +31,8 @@ from evaluate import pyplot
 @dataclass(frozen=True)
 class Geometry:
     """Where an output position of a fully convolutional net looks in its input (one axis; square).
-
     Output (i, j) sees input rows [offset + stride*i, offset + stride*i + receptive_field) (and the
-    same for columns): everything outside cannot change it. It stands for the classifier's view of
-    the `window` x `window` crop whose top-left corner is (stride*i, stride*j): on a window-sized
-    input the net has one output position, the crop at (0, 0), and shifting the input by `stride`
-    shifts the output by one.
-    """
+    same for columns), and stands for the `window` x `window` crop at (stride*i, stride*j)."""
     stride: int            # input px per output step
     receptive_field: int   # input px one output position depends on (may exceed window: padding)
     offset: int            # first input px of output 0's receptive field (< 0: it reaches into padding)
@@ -112,24 +104,11 @@ def _linear_as_conv(linear: nn.Linear, in_channels: int, kernel: tuple[int, int]
 
 def fully_convolutionalize(model: nn.Module, input_shape: tuple[int, int, int]) -> FullyConvolutional:
     """The classifier `model` (trained on (C, H, W) = input_shape images, H == W) as a fully
-    convolutional net with the same weights. On an input_shape image its output is (B, n, 1, 1)
-    and equals model(x); on a larger canvas, output (i, j) is the classifier's logits for the crop
-    at (stride*i, stride*j) — exactly for the MLP, approximately for the CNN (see below).
-
-    models.MLP: the first Linear over the flattened C x H x W image becomes an H x W conv (the
-      same weights, viewed as (out, C, H, W)); later Linears become 1x1 convs; ReLU stays, Dropout
-      goes (eval). Stride 1, receptive field H: output (i, j) IS the MLP on that crop.
-    models.CNN: the conv features are kept as they are; the GAP + Linear head becomes the Linear as
-      a 1x1 conv on the final maps (per-cell class scores, i.e. CAMs) followed by a stride-1 average
-      over the h x w cells a training-size input produces (the GAP restricted to one crop's cells).
-      Linear and average commute, so on an input_shape image this is exactly GAP + Linear. On a
-      canvas, a crop at a stride-aligned position gets the same pooling phase but its border convs
-      see the neighbouring pixels instead of the zero padding the classifier saw, so output (i, j)
-      is the classifier on the crop up to that border effect (exact for layers the padding does not
-      reach).
-    Anything else (e.g. SkipMLP, whose residual blocks are not linear maps of local patches) is a
-    UserError.
-    """
+    convolutional net with the same weights: on an input_shape image it gives model(x) as (B, n, 1, 1);
+    on a canvas, output (i, j) is the classifier on the crop at (stride*i, stride*j), exactly for
+    models.MLP (its Linears become convs) and up to the crop's border padding for models.CNN (GAP +
+    Linear becomes a 1x1 conv and a stride-1 average over one crop's cells): docs/exercise_2_2.md
+    says why. Any other model (e.g. SkipMLP) is a UserError."""
     c, h, w = input_shape
     if h != w:
         raise UserError(f"surgery needs square classifier inputs, got {h}x{w}")
@@ -173,170 +152,18 @@ def fully_convolutionalize(model: nn.Module, input_shape: tuple[int, int, int]) 
     return fcn
 
 
-# ---------------------------------------------------------------------------------------------
-# Canvases
-
-
-@dataclass
-class Canvases:
-    """Images on black canvases. Boxes are the tight ink boxes (xyxy, exclusive ends)."""
-    images: Tensor               # (N, 1, S, S) uint8
-    boxes: list[Tensor]          # per canvas (k, 4) float32
-    labels: list[Tensor]         # per canvas (k,) int64
-    centres: list[Tensor]        # per canvas (k, 2) float32: (y, x) centre of each placed image
-    sources: list[Tensor]        # per canvas (k,) int64: index of each image in its split
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def targets(self, i: int) -> dict[str, Tensor]:
-        return {'boxes': self.boxes[i], 'labels': self.labels[i]}
-
-
-def ink_box(img: np.ndarray, ink_threshold: int) -> tuple[int, int, int, int] | None:
-    """(y0, x0, y1, x1), exclusive ends, of the pixels > ink_threshold of a 2-D uint8 image; None if none."""
-    mask = img > ink_threshold
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if not len(rows):
-        return None
-    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
-
-
-def check_fits(canvas_size: int, objects: list[int], object_size: list[int], min_gap: int) -> None:
-    """UserError unless max(objects) images of max(object_size) px surely fit: a grid of cells of
-    (size + gap) px must have that many cells. (Ink boxes are often smaller, so this is conservative.)"""
-    lo, hi = objects
-    s_lo, s_hi = object_size
-    if not (1 <= lo <= hi) or not (1 <= s_lo <= s_hi) or min_gap < 0:
-        raise UserError(f"--objects and --object_size take [min, max] with 1 <= min <= max, --min_gap >= 0; "
-                        f"got {objects}, {object_size}, {min_gap}")
-    per_row = (canvas_size + min_gap) // (s_hi + min_gap)
-    if per_row * per_row < hi:
-        rows = int(np.ceil(np.sqrt(hi)))
-        need = rows * (s_hi + min_gap) - min_gap
-        raise UserError(f"a {canvas_size}x{canvas_size} canvas cannot surely hold {hi} images of {s_hi} px with "
-                        f"{min_gap} px gaps: use --canvas_size {need} or more, or fewer --objects")
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    if img.shape[0] == size:
-        return img
-    t = torch.from_numpy(img).float()[None, None]
-    t = F.interpolate(t, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
-    return t[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def make_canvases(x: np.ndarray | Tensor, y: np.ndarray | Tensor, n: int, seed: int | list[int],
-                  canvas_size: int = 100, objects: list[int] = (3, 6), object_size: list[int] = (28, 28),
-                  min_gap: int = 2, ink_threshold: int = 32) -> Canvases:
-    """n canvases (canvas_size px, black) holding objects[0]..objects[1] images of split (x, y).
-
-    Built in pixel space: each image (uint8 (N, [1,] H, W)) is scaled to a size drawn from
-    object_size (bilinear, antialiased; [28, 28] = no scaling) and put at a uniformly random place
-    inside the canvas where its ink box keeps min_gap px from every other ink box; images are
-    combined by pixel-wise max. Images without ink are never drawn. Deterministic in `seed`.
-    """
-    check_fits(canvas_size, list(objects), list(object_size), min_gap)
-    x = (x.cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)).reshape(len(x), *x.shape[-2:])
-    y = y.cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
-    has_ink = (x > ink_threshold).reshape(len(x), -1).any(1)
-    usable = np.flatnonzero(has_ink)
-    if not len(usable):
-        raise UserError(f"no image of the split has a pixel above ink_threshold {ink_threshold}")
-    rng = np.random.default_rng(seed)
-    images = np.zeros((n, 1, canvas_size, canvas_size), np.uint8)
-    out = Canvases(torch.from_numpy(images), [], [], [], [])
-    for k in range(n):
-        for _restart in range(50):
-            canvas, boxes, labels, centres, sources = images[k, 0], [], [], [], []
-            canvas[:] = 0
-            for _ in range(rng.integers(objects[0], objects[1] + 1)):
-                idx = int(usable[rng.integers(len(usable))])
-                img = _resize(x[idx], int(rng.integers(object_size[0], object_size[1] + 1)))
-                s = img.shape[0]
-                y0, x0, y1, x1 = ink_box(img, ink_threshold) or (0, 0, s, s)
-                for _try in range(200):
-                    top, left = rng.integers(0, canvas_size - s + 1, 2)
-                    b = (top + y0, left + x0, top + y1, left + x1)
-                    if all(b[2] + min_gap <= o[0] or o[2] + min_gap <= b[0] or
-                           b[3] + min_gap <= o[1] or o[3] + min_gap <= b[1] for o in boxes):
-                        break
-                else:
-                    break  # no room left: start this canvas again
-                np.maximum(canvas[top:top + s, left:left + s], img, out=canvas[top:top + s, left:left + s])
-                boxes.append(b)
-                labels.append(int(y[idx]))
-                centres.append((top + s / 2, left + s / 2))
-                sources.append(idx)
-            else:
-                break
-        else:
-            raise UserError(f"could not place {objects[1]} images on a {canvas_size}px canvas in 50 attempts; "
-                            f"use a larger --canvas_size or fewer --objects")
-        out.boxes.append(torch.tensor([[b[1], b[0], b[3], b[2]] for b in boxes], dtype=torch.float32).view(-1, 4))
-        out.labels.append(torch.tensor(labels, dtype=torch.int64))
-        out.centres.append(torch.tensor(centres, dtype=torch.float32).view(-1, 2))
-        out.sources.append(torch.tensor(sources, dtype=torch.int64))
-    return out
-
-
-def crop_corners(canvases: Canvases, window: int, max_shift: int, random_per_canvas: int,
-                 seed: int | list[int]) -> list[np.ndarray]:
-    """Top-left (y, x) of background_crops' crops, per canvas (int64 (M, 2), canvas coordinates).
-
-    Per object: a positive, whose centre lies within max_shift (+ 0.5, see background_crops) of the
-    object's centre in y and x, drawn uniformly from those places; and an off-centre crop, beyond
-    that, shifted by up to 3/4 window (a partial view). Per canvas, random_per_canvas crops anywhere.
-    Every draw is bounded: UserError if max_shift leaves no room for off-centre crops."""
-    far = (3 * window) // 4
-    if not 0 <= max_shift < far:
-        raise UserError(f"--max_shift {max_shift} leaves no room for off-centre (background) crops of a {window} px "
-                        f"window, which are shifted by more than it and at most {far} px: use 0 to {far - 1}")
-    rng = np.random.default_rng(seed)
-    half, reach = window / 2, max_shift + 0.5
-    out = []
-    for k in range(len(canvases)):
-        size = canvases.images.shape[-1]
-        corners = []
-        for centre in canvases.centres[k].numpy().astype(np.float64):
-            centred = centre - half                                  # the corner that centres the crop (may be .5)
-            lo, hi = np.ceil(centred - reach), np.floor(centred + reach)
-            corners.append(lo + rng.integers(0, (hi - lo + 1).astype(np.int64)))
-            for _ in range(1000):  # rejection: at most (41/43)^2 of draws fail (max_shift 20), so this ends
-                corner = np.floor(centred) + rng.integers(-far, far + 1, 2)
-                if np.abs(corner - centred).max() > reach:
-                    break
-            else:
-                raise UserError(f"no off-centre crop found in 1000 draws (--max_shift {max_shift}, window {window})")
-            corners.append(corner)
-        for _ in range(random_per_canvas):
-            corners.append(rng.integers(-int(half), size - int(half) + 1, 2).astype(float))
-        out.append(np.asarray(corners, dtype=np.int64).reshape(-1, 2))
-    return out
-
-
-def background_crops(canvases: Canvases, window: int, max_shift: int, random_per_canvas: int,
-                     seed: int | list[int], background: int = 10) -> tuple[Tensor, Tensor]:
-    """Crops of `window` px from canvases, labelled for an (n+1)-way classifier: (x uint8 (M, 1, w, w), y (M,)).
-
-    Crops at crop_corners (per object a positive and an off-centre crop, per canvas random ones;
-    outside the canvas is black). Every crop is labelled by one rule: the class of the object whose
-    centre lies nearest the crop's centre within max_shift + 0.5 px in y and x, else `background`.
-    The half pixel makes the rule symmetric: an odd-sized object's centre falls mid-pixel, so a crop
-    is 0.5, 1.5, ... px off it, alike on either side (without it, a shift of -max_shift would be
-    background and +max_shift the class). For even sizes it is exactly "within max_shift px".
-    """
-    pad, half = window, window / 2
-    xs, ys = [], []
-    for k, corners in enumerate(crop_corners(canvases, window, max_shift, random_per_canvas, seed)):
-        img = F.pad(canvases.images[k, 0], (pad, pad, pad, pad)).numpy()  # black beyond the canvas
-        centres = canvases.centres[k].numpy().astype(np.float64)
-        for t, l in corners:
-            xs.append(img[t + pad:t + pad + window, l + pad:l + pad + window])
-            dist = np.abs(centres - (np.array([t, l]) + half)).max(1) if len(centres) else np.zeros(0)
-            near = np.flatnonzero(dist <= max_shift + 0.5)
-            ys.append(int(canvases.labels[k][near[dist[near].argmin()]]) if len(near) else background)
-    return torch.from_numpy(np.stack(xs))[:, None], torch.tensor(ys, dtype=torch.int64)
+def with_background(model: nn.Module) -> nn.Module:
+    """The same classifier with one more output (the background class, last), its old rows kept."""
+    old = model.classifier
+    new = nn.Linear(old.in_features, old.out_features + 1)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.bias.zero_()
+        new.weight[:-1].copy_(old.weight)
+        new.bias[:-1].copy_(old.bias)
+    model.classifier = new
+    model.args = {**model.args, 'num_classes': old.out_features + 1}
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,18 +246,33 @@ def decode(probs: Tensor, canvas: np.ndarray, geometry: Geometry, num_objects: i
     return {'boxes': boxes[order], 'scores': scores[order], 'labels': labels[order]}
 
 
-def detect(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, std: Tensor, num_objects: int,
-           threshold: float, nms_iou: float, ink_threshold: int, margin: int, batch_size: int = 64,
-           refine: bool = True, drop_empty: bool = True) -> tuple[list[dict[str, Tensor]], Tensor]:
-    """Detections for every canvas (batched forward), and the score maps of the first canvas."""
+@dataclass(frozen=True)
+class Decoding:
+    """How score maps become the detector's output (2.2's decoding keys); refine and drop_empty are
+    the box ablation's switches (refine_boxes)."""
+    num_objects: int        # maps that are object classes; a background map only competes through the softmax
+    min_score: float        # lowest peak kept for the ranked list behind mAP and the PR curve
+    nms_iou: float          # per-class NMS
+    agnostic_iou: float     # then class-agnostic NMS for the output (1 = off)
+    ink_threshold: int      # uint8 level above which a pixel is ink
+    margin: int             # px: ink components this far outside a window still count as its own
+    refine: bool = True     # box = the ink in the window (else the raw window)
+    drop_empty: bool = True  # a window without ink is no detection
+
+
+def detect(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, std: Tensor, decoding: Decoding,
+           threshold: float, batch_size: int = 64) -> tuple[list[dict[str, Tensor]], Tensor]:
+    """decode's detections (score >= threshold) for every canvas (batched forward), and the score
+    maps of the first canvas."""
     out, first = [], None
+    d = decoding
     for start in range(0, len(canvases), batch_size):
         imgs = canvases.images[start:start + batch_size]
         probs = score_maps(fcn, (imgs.float() / 255 - mean) / std)
         first = probs[0] if first is None else first
         for k in range(len(imgs)):
-            out.append(decode(probs[k], imgs[k, 0].numpy(), fcn.geometry, num_objects, threshold, nms_iou,
-                              ink_threshold, margin, refine, drop_empty))
+            out.append(decode(probs[k], imgs[k, 0].numpy(), fcn.geometry, d.num_objects, threshold, d.nms_iou,
+                              d.ink_threshold, d.margin, d.refine, d.drop_empty))
     return out, first
 
 
@@ -446,11 +288,11 @@ def agnostic_nms(pred: dict[str, Tensor], iou: float) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def time_per_canvas(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, std: Tensor, num_objects: int,
-                    threshold: float, nms_iou: float, ink_threshold: int, margin: int, agnostic_iou: float = 1.0,
-                    threads: int = 1) -> float:
+def time_per_canvas(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, std: Tensor, decoding: Decoding,
+                    threshold: float, threads: int = 1) -> float:
     """Median ms to detect on one canvas (uint8 in, boxes out: normalise, forward, decode, agnostic NMS), batch 1,
     with `threads` torch threads, after 5 warm-up canvases. The median resists other jobs' bursts."""
+    d = decoding
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -459,8 +301,8 @@ def time_per_canvas(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, s
             img = canvases.images[max(k, 0)]
             t0 = time.perf_counter()
             probs = score_maps(fcn, (img[None].float() / 255 - mean) / std)[0]
-            agnostic_nms(decode(probs, img[0].numpy(), fcn.geometry, num_objects, threshold, nms_iou, ink_threshold,
-                                margin), agnostic_iou)
+            agnostic_nms(decode(probs, img[0].numpy(), fcn.geometry, d.num_objects, threshold, d.nms_iou,
+                                d.ink_threshold, d.margin, d.refine, d.drop_empty), d.agnostic_iou)
             if k >= 0:
                 times.append(time.perf_counter() - t0)
     finally:
@@ -548,6 +390,63 @@ def count_accuracy(preds: list[dict[str, Tensor]], targets: list[dict[str, Tenso
 
 def above(preds: list[dict[str, Tensor]], threshold: float) -> list[dict[str, Tensor]]:
     return [{k: v[p['scores'] >= threshold] for k, v in p.items()} for p in preds]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring: what the tracks and the box ablation report
+
+
+@dataclass
+class Score:
+    """What `score` measured on the test canvases."""
+    metrics: dict[str, float | str]   # map_50 map mar_100 coco_backend precision recall f1 count_acc
+    threshold: float                  # the output's score threshold
+    output: list[dict[str, Tensor]]   # per canvas, after agnostic NMS; scores >= min(min_score, threshold)
+    first_maps: Tensor                # (n, H', W') score maps of test canvas 0
+    curve: dict[str, np.ndarray]      # pr_curve of the output
+    detections: int                   # output boxes at or above the threshold
+    objects: int                      # ground-truth boxes
+
+
+def score(fcn: FullyConvolutional, val: Canvases, test: Canvases, mean: Tensor, std: Tensor, decoding: Decoding,
+          threshold: float | None = None, truth: str = 'ink') -> Score:
+    """threshold -> decode -> NMS -> match -> metrics. The threshold is given, or (None) the best-F1
+    one of the output on the val canvases; the test canvases never select anything. COCO mAP ranks
+    every per-class detection >= min_score; P / R / F1 and count accuracy are the output's, at the
+    threshold. `truth`: the ground-truth boxes (Canvases.targets): 'ink' or 'placement'."""
+    if threshold is None:
+        val_preds, _ = detect(fcn, val, mean, std, decoding, decoding.min_score)
+        threshold = best_threshold(*match([agnostic_nms(p, decoding.agnostic_iou) for p in val_preds],
+                                          val.targets(truth)))
+    preds, first_maps = detect(fcn, test, mean, std, decoding, min(decoding.min_score, threshold))
+    targets = test.targets(truth)
+    output = [agnostic_nms(p, decoding.agnostic_iou) for p in preds]
+    scores, tp, n_gt = match(output, targets)
+    metrics = {**coco_metrics(preds, targets), **prf_at(scores, tp, n_gt, threshold),
+               'count_acc': count_accuracy(output, targets, threshold)}
+    return Score(metrics, threshold, output, first_maps, pr_curve(scores, tp, n_gt),
+                 int((scores >= threshold).sum()), n_gt)
+
+
+def surgery_check(model: nn.Module, fcn: FullyConvolutional, x: Tensor, canvas_size: int) -> dict:
+    """How exactly the surgery reproduces the classifier, on normalised images x (B, 1, w, w): on the
+    images themselves, and with each image alone on a black canvas at a stride-aligned place."""
+    g = fcn.geometry
+    model = model.cpu().eval()
+    with torch.no_grad():
+        logits = model(x)
+        alone = (fcn(x)[:, :, 0, 0] - logits).abs().max().item()
+        i = (canvas_size - g.window) // 2 // g.stride             # a central output position
+        black = x.amin().item()                                     # normalised black (MNIST-style data)
+        canvas = torch.full((len(x), x.shape[1], canvas_size, canvas_size), black)
+        window = (slice(None), slice(None), slice(g.stride * i, g.stride * i + g.window),
+                  slice(g.stride * i, g.stride * i + g.window))
+        canvas[window] = x
+        placed = fcn(canvas)[:, :, i, i]
+        crop_logits = model(canvas[window])
+    return {'max_abs_diff_on_crops': alone, 'on_canvas_max_abs_diff': (placed - crop_logits).abs().max().item(),
+            'on_canvas_top1_agreement': (placed.argmax(1) == crop_logits.argmax(1)).float().mean().item(),
+            'images': len(x)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import exercise_2_3 as ex23
 import training
 from config import UserError, cli
 from dataset import load_data
-from exercise_2_2 import with_background
+from detect import with_background
 from models import CNN, MLP
 from synthetic import write_cifar10
 

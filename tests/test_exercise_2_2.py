@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import canvases
 import detect
 import exercise_2_2 as ex22
 from config import UserError, cli
@@ -109,38 +110,44 @@ def split_images(n=40, seed=0):
 
 def test_canvases_are_seeded_real_images_with_tight_separate_ink_boxes():
     x, y = split_images()
-    cv = detect.make_canvases(x, y, 12, [0, 0], canvas_size=80, objects=[3, 4], min_gap=2, ink_threshold=32)
-    again = detect.make_canvases(x, y, 12, [0, 0], canvas_size=80, objects=[3, 4], min_gap=2, ink_threshold=32)
-    other = detect.make_canvases(x, y, 12, [0, 1], canvas_size=80, objects=[3, 4], min_gap=2, ink_threshold=32)
+    cv = canvases.make_canvases(x, y, 12, [0, 0], canvas_size=80, objects=[3, 4], min_gap=2, ink_threshold=32)
+    again = canvases.make_canvases(x, y, 12, [0, 0], canvas_size=80, objects=[3, 4], min_gap=2, ink_threshold=32)
+    other = canvases.make_canvases(x, y, 12, [0, 1], canvas_size=80, objects=[3, 4], min_gap=2, ink_threshold=32)
     assert torch.equal(cv.images, again.images) and not torch.equal(cv.images, other.images)
     assert cv.images.dtype == torch.uint8 and cv.images.shape == (12, 1, 80, 80)
     for k in range(len(cv)):
         img, boxes = cv.images[k, 0], cv.boxes[k].long()
         assert 3 <= len(boxes) <= 4 and torch.equal(cv.labels[k], y[cv.sources[k]])
         covered = torch.zeros_like(img, dtype=torch.bool)
-        for b, src, (cy, cx) in zip(boxes.tolist(), cv.sources[k].tolist(), cv.centres[k].tolist()):
+        for b, src, (cy, cx), placed in zip(boxes.tolist(), cv.sources[k].tolist(), cv.centres[k].tolist(),
+                                            cv.placements[k].tolist()):
             x0, y0, x1, y1 = b
             patch = img[y0:y1, x0:x1]
-            assert detect.ink_box(patch.numpy(), 32) == (0, 0, y1 - y0, x1 - x0)   # tight around the ink
+            assert canvases.ink_box(patch.numpy(), 32) == (0, 0, y1 - y0, x1 - x0)   # tight around the ink
             ref = x[src, 0]
-            ry0, rx0, ry1, rx1 = detect.ink_box(ref.numpy(), 32)
+            ry0, rx0, ry1, rx1 = canvases.ink_box(ref.numpy(), 32)
             assert torch.equal(patch, ref[ry0:ry1, rx0:rx1])                     # the real image, unscaled
             assert (cy - 14, cx - 14) == (y0 - ry0, x0 - rx0)                   # centre of the placed image
+            assert placed == [cx - 14, cy - 14, cx + 14, cy + 14]                # its whole 28x28 square
             covered[y0:y1, x0:x1] = True
         assert not (img[~covered] > 32).any()                                   # no ink outside the boxes
         for a in range(len(boxes)):                                             # gaps of >= 2 px
             for b in range(a + 1, len(boxes)):
                 p, q = boxes[a], boxes[b]
                 assert p[2] + 2 <= q[0] or q[2] + 2 <= p[0] or p[3] + 2 <= q[1] or q[3] + 2 <= p[1]
-    jitter = detect.make_canvases(x, y, 6, [0, 0], canvas_size=100, objects=[3, 3], object_size=[20, 36])
+    jitter = canvases.make_canvases(x, y, 6, [0, 0], canvas_size=100, objects=[3, 3], object_size=[20, 36])
     sizes = torch.cat([b[:, 2] - b[:, 0] for b in jitter.boxes])
     assert sizes.max() > 22                                                     # some images were scaled up
+    for ink, placed in zip(jitter.boxes, jitter.placements):                    # each placed square holds its ink
+        assert (placed[:, :2] <= ink[:, :2]).all() and (ink[:, 2:] <= placed[:, 2:]).all()
+        assert torch.equal(placed[:, 2] - placed[:, 0], placed[:, 3] - placed[:, 1])
+    assert [t['boxes'] for t in jitter.targets('placement')] == jitter.placements
 
 
 def test_a_canvas_too_small_is_one_line():
     x, y = split_images()
     with pytest.raises(UserError) as e:
-        detect.make_canvases(x, y, 2, 0, canvas_size=50, objects=[3, 6])
+        canvases.make_canvases(x, y, 2, 0, canvas_size=50, objects=[3, 6])
     assert '\n' not in str(e.value) and '--canvas_size 88' in str(e.value)
 
 
@@ -159,9 +166,9 @@ def rule_labels(cv, corners, window, max_shift, background=10):
 @pytest.mark.parametrize('object_size', [[28, 28], [19, 27]], ids=['even', 'odd-jitter'])
 def test_background_crops_follow_the_label_rule(object_size):
     x, y = split_images()
-    cv = detect.make_canvases(x, y, 10, [0, 0], canvas_size=100, objects=[3, 5], object_size=object_size)
-    crops, labels = detect.background_crops(cv, 28, max_shift=4, random_per_canvas=3, seed=0)
-    corners = detect.crop_corners(cv, 28, max_shift=4, random_per_canvas=3, seed=0)
+    cv = canvases.make_canvases(x, y, 10, [0, 0], canvas_size=100, objects=[3, 5], object_size=object_size)
+    crops, labels = canvases.background_crops(cv, 28, max_shift=4, random_per_canvas=3, seed=0)
+    corners = canvases.crop_corners(cv, 28, max_shift=4, random_per_canvas=3, seed=0)
     n_obj = sum(len(b) for b in cv.boxes)
     assert crops.shape == (2 * n_obj + 3 * 10, 1, 28, 28) and crops.dtype == torch.uint8
     assert labels.tolist() == rule_labels(cv, corners, 28, 4)           # every crop of every canvas
@@ -183,9 +190,9 @@ def test_odd_sized_objects_are_labelled_alike_on_either_side():
     img = torch.zeros(1, 1, 100, 100, dtype=torch.uint8)
     img[0, 0, 40:49, 50:59] = 255
     n = 300
-    cv = detect.Canvases(img.repeat(n, 1, 1, 1), [torch.tensor([[50., 40, 59, 49]])] * n,
+    cv = canvases.Canvases(img.repeat(n, 1, 1, 1), [torch.tensor([[50., 40, 59, 49]])] * n,
                          [torch.tensor([7])] * n, [torch.tensor([[44.5, 54.5]])] * n, [torch.tensor([0])] * n)
-    crops, labels = detect.background_crops(cv, 28, max_shift=3, random_per_canvas=0, seed=0)
+    crops, labels = canvases.background_crops(cv, 28, max_shift=3, random_per_canvas=0, seed=0)
     offsets = []
     for crop, label in zip(crops[0::2, 0], labels[0::2]):               # the positives, read off the pixels
         rows, cols = (crop > 0).any(1).nonzero(), (crop > 0).any(0).nonzero()
@@ -203,7 +210,7 @@ def test_odd_sized_objects_are_labelled_alike_on_either_side():
 
 def test_decode_maps_peaks_back_to_exact_ink_boxes():
     x, y = split_images()
-    cv = detect.make_canvases(x, y, 1, [3, 0], canvas_size=100, objects=[4, 4])
+    cv = canvases.make_canvases(x, y, 1, [3, 0], canvas_size=100, objects=[4, 4])
     g = detect.Geometry(stride=8, receptive_field=38, offset=-7, window=28)
     probs = torch.zeros(11, 10, 10)
     probs[10] = 1.0                                                    # background everywhere
@@ -251,6 +258,23 @@ def test_decode_nms_removes_same_class_duplicates_and_keeps_other_classes():
     one = detect.agnostic_nms(out, 0.3)                                # one label per object: the higher score
     assert one['labels'].tolist() == [4] and torch.equal(one['boxes'], box)
     assert len(detect.agnostic_nms(out, 1.0)['boxes']) == 2
+
+
+def test_a_raw_window_on_the_placed_square_is_a_hit_against_placement_truth_only():
+    """The box ablation's last row: the network's own box (its 28x28 window) scored against where the
+    image was placed; against the tight ink box of a small blob the same window misses."""
+    img = torch.zeros(1, 1, 100, 100, dtype=torch.uint8)
+    img[0, 0, 18:26, 26:34] = 200                                      # an 8x8 blob inside the square at (8, 16)
+    cv = canvases.Canvases(img, [torch.tensor([[26., 18, 34, 26]])], [torch.tensor([5])],
+                           [torch.tensor([[22., 30.]])], [torch.tensor([0])], [torch.tensor([[16., 8, 44, 36]])])
+    probs = torch.zeros(11, 10, 10)
+    probs[10] = 1.0
+    probs[:, 1, 2], probs[5, 1, 2] = 0, 0.9                          # the window at (8, 16): the placed square
+    g = detect.Geometry(stride=8, receptive_field=38, offset=-7, window=28)
+    out = detect.decode(probs, img[0, 0].numpy(), g, 10, 0.5, 0.3, 32, 4, refine=False, drop_empty=False)
+    assert out['boxes'].tolist() == [[16., 8, 44, 36]]
+    assert detect.match([out], cv.targets('placement'))[1].tolist() == [True]
+    assert detect.match([out], cv.targets())[1].tolist() == [False]    # IoU 64/784 with the ink box
 
 
 def test_metric_wiring_on_known_cases():
@@ -313,6 +337,9 @@ def test_smoke_run_writes_results_and_figures_and_stages_are_reused(tiny_mnist, 
         assert {'map_50', 'map', 'mar_100', 'precision', 'recall', 'f1', 'count_acc', 'ms_per_canvas'} <= set(m)
         assert 0 <= m['map'] <= m['map_50'] <= 1 and m['threshold_from'].endswith('val-split canvases')
         assert m['surgery']['max_abs_diff_on_crops'] <= 1e-4 and m['geometry']['stride'] == 8
+    for variants in results['box_ablation'].values():                          # every variant of each track
+        assert set(variants) == set(ex22.ABLATION) and variants['raw_windows_vs_placement']['map'] <= 1
+    assert results['box_ablation_means']['raw_windows_vs_placement']['truth'] == 'placement'
     assert results['canvases']['test'] == {'split': 'test', 'n': 4, 'seed': [0, 0],
                                            'objects': results['tracks']['zero_shot']['objects']}
     for name in ('detections', 'score_maps', 'pr_curve'):
@@ -340,7 +367,7 @@ def test_bad_input_is_one_line(tiny_mnist, tmp_path, capsys):
     torch.save({'model': model.state_dict(), 'model_class': 'SkipMLP', 'model_args': model.args,
                 'config': {**ex22.config, 'dataset': 'mnist'}}, skip)
     background = tmp_path / 'background.pt'                          # 2.2's own background classifier: 11 classes
-    model = ex22.with_background(CNN(1, 10, [4, 8, 16], depth=0, variant='plain'))
+    model = detect.with_background(CNN(1, 10, [4, 8, 16], depth=0, variant='plain'))
     torch.save({'model': model.state_dict(), 'model_class': 'CNN', 'model_args': model.args, 'exercise': EX,
                 'config': {**ex22.config, 'dataset': 'mnist', 'data_dir': tiny_mnist}}, background)
     for argv, words in ((['--checkpoint', str(skip)], 'holds a SkipMLP'),

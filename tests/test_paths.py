@@ -169,10 +169,10 @@ def test_help_says_what_the_wandb_default_does():
 
 
 def test_2_2_says_its_crop_counts_in_words():
-    import exercise_2_2
+    import canvases
     counts = {'train': {'canvases': 12, 'crops': 1400, 'background': 88}, 'val': {'canvases': 1, 'crops': 9,
                                                                                    'background': 6}}
-    assert exercise_2_2.crop_summary(counts) == 'train 1,400 (88 background, 12 canvases), val 9 (6 background, 1 canvas)'
+    assert canvases.crop_summary(counts) == 'train 1,400 (88 background, 12 canvases), val 9 (6 background, 1 canvas)'
 
 
 def test_venv_is_ignored_by_git():

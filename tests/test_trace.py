@@ -176,12 +176,19 @@ def test_wandb_history_has_every_metric_the_console_printed(runs):
         if cells:
             printed = re.findall(r': test acc ([\d.]+)% \(best val', out[script])
             assert printed and set(printed) <= {acc for acc, _ in tests}, (script, printed, tests)
-    # 2.2: every number printed on a track's lines (its one-line result and the final table)
+    # 2.2: every number printed on a track's lines (the track table, the box ablation) is in W&B's
+    # summary or tables: one-off results are not scalar history (issue 21 part 8)
     from exercise_2_2 import TRACKS
     [detect] = [d for d in out['exercise_2_2 dirs'] if os.path.basename(d).startswith('detect-')]
-    logged = {k: v for row in wandb_run(detect)['history'].values() for k, v in row.items()}
+    summary = wandb_run(detect)['summary']
+    rows = wandb_table(detect, 'tracks') + wandb_table(detect, 'box_ablation')
+    assert not {k for row in wandb_run(detect)['history'].values() for k in row
+                if k.startswith(tuple(f'{name}/' for name in TRACKS))}  # no one-dot charts
     assert numbers_printed_are_logged(re.sub(r'mAP@0\.5|mAP@\[\.5:\.95\]', 'mAP', out['exercise_2_2']), {
-        label: {k.split('/', 1)[1]: v for k, v in logged.items() if k.startswith(name + '/')}
+        label: {**{k: v for k, v in summary.items() if isinstance(v, float)
+                   and k.startswith((f'tracks/{name}/', f'box_ablation/{name}/'))},
+                **{f'{i}/{k}': v for i, row in enumerate(rows) if row['track'] == name for k, v in row.items()
+                   if isinstance(v, float)}}
         for name, label in TRACKS.items()}) >= 2 * 9
     # 2.3: the test accuracy and every cell of the printed faithfulness tables, found in W&B's summary
     # and tables: one-off results are not scalar history (issue 21 part 8)
@@ -313,7 +320,10 @@ def test_tables_reach_tensorboard_as_text(runs):
     [text] = tensorboard(os.path.join(rd, 'exercise_1_2', 'study')).Tensors('study/text_summary')
     assert text.tensor_proto.string_val[0].decode().startswith('| model | depth | width |')
     [detect] = glob.glob(os.path.join(rd, 'exercise_2_2', 'detect-*'))
-    assert tensorboard(detect).Tensors('tracks/text_summary')
+    events = tensorboard(detect)
+    assert events.Tensors('tracks/text_summary') and events.Tensors('box_ablation/text_summary')
+    # one-off results are HParams metrics and text, not one-dot scalar charts of their own (issue 21 part 8)
+    assert all(tag.startswith('results/') for tag in events.Tags()['scalars'])
 
 
 # ---------------------------------------------------------------------------------------------
