@@ -72,7 +72,8 @@ def substrate_for(dataset: str, choice: str) -> str:
     "nothing there" looks like to these models: the mean grey is not), RISE's for natural images."""
     if choice != 'auto':
         return choice
-    return 'black' if DATASETS[dataset].background == 'black' else 'rise'
+    info = DATASETS.get(dataset)  # imagenette (part 2) is natural images, outside the registry
+    return 'black' if info is not None and info.background == 'black' else 'rise'
 
 
 def check_maps(model: nn.Module, x: Tensor, layer: nn.Module, fc: nn.Linear, acc: float, classes: int,
