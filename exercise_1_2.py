@@ -28,7 +28,8 @@ Measured results, and the data and hardware behind them, are in docs/exercise_1_
 from config import COMMON, UserError, cli, plural
 from dataset import Data
 from models import INITS, MLP, SkipMLP
-from study import run_parts, train_run
+from study import run_parts
+from training import train_run
 
 EXERCISE = 'exercise_1_2'
 STUDY_KEYS = ('part', 'depths', 'study_width', 'study_epochs', 'study_init', 'study_dropout')  # a resumed single run may change these

@@ -40,7 +40,8 @@ model.classifier the linear head.
 from config import COMMON, UserError, cli, plural
 from dataset import Data
 from models import CNN, INITS
-from study import run_parts, train_run
+from study import run_parts
+from training import train_run
 
 EXERCISE = 'exercise_1_3'
 STUDY_KEYS = ('part', 'depths', 'study_widths', 'study_epochs', 'study_init')  # a resumed single run may change these

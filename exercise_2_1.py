@@ -37,7 +37,8 @@ from analysis import head, landscape, lesion_study, shattering, calibrate_batchn
 from config import UserError, cli
 from dataset import load_data
 from evaluate import load_model, pyplot
-from record import pick_device, save_figure, write_json
+from device import pick_device
+from files import save_figure, write_json
 from study import cell_config, cell_dir, cell_id, gradient_study, plot_grad_norms, print_grad_summary, run_study
 
 EXERCISE = 'exercise_2_1'

@@ -44,9 +44,10 @@ import detect
 from config import COMMON, HOW_IT_RUNS, UserError, cli
 from dataset import Data, Split, load_data
 from evaluate import check_model_on_data, load_model
+from files import write_json
 from models import CNN, MLP
-from record import Run, write_json
-from study import cached_run, digest
+from record import Run
+from training import cached_run, digest
 
 EXERCISE = 'exercise_2_2'
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -353,7 +354,7 @@ def main(config: dict, overrides: dict) -> dict:
     if config['checkpoint']:
         path = config['checkpoint']
         classifier, ckpt = load_model(path, expect=(CNN, MLP), what=CLASSIFIER_CHECKPOINT)
-        model_class, dataset = ckpt['model_class'], ckpt['config']['dataset']
+        model_class, dataset = ckpt.model_class, ckpt.config['dataset']
     else:
         path = os.path.join(config['runs_dir'], EXERCISE, stage_name('classifier', stage, classifier_identity),
                             'checkpoints', 'best.pt')
@@ -369,7 +370,7 @@ def main(config: dict, overrides: dict) -> dict:
         detect.fully_convolutionalize(classifier, (1, WINDOW, WINDOW))
     except UserError as e:
         raise UserError(f"{path}: {e}; expected {CLASSIFIER_CHECKPOINT}") from None
-    data_config = {**ckpt['config'], 'subset': config['subset'], 'augment': False}
+    data_config = {**ckpt.config, 'subset': config['subset'], 'augment': False}
     if 'data_dir' in overrides or config['checkpoint'] == '':
         data_config['data_dir'] = config['data_dir']
     if data_config['dataset'] != config['dataset']:
@@ -413,7 +414,7 @@ def main(config: dict, overrides: dict) -> dict:
     # 4. records: results.json, figures, TensorBoard / W&B
     results = {
         'dataset': data.name, 'classes': data.classes,
-        'classifier': {'checkpoint': path, 'model_class': ckpt['model_class'], 'model_args': ckpt['model_args'],
+        'classifier': {'checkpoint': path, 'model_class': ckpt.model_class, 'model_args': ckpt.model_args,
                        'test_acc': _results_of(path).get('test_acc')},
         'background_classifier': {'checkpoint': bg_path, 'crop_test_acc': bg_results.get('test_acc'),
                                   'train_seconds': bg_results.get('train_seconds'),

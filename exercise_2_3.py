@@ -54,7 +54,10 @@ from evaluate import check_model_on_data, load_model, pyplot
 from explain import (SUBSTRATES, average_drop_increase, blur_sigma, bootstrap_ci, cam, compare,
                      deletion_insertion_auc, grad_cam, grad_cam_pp, overlay, predict, random_maps, substrate_fns)
 from models import CNN
-from record import Run, data_fingerprint, split_fingerprint, write_json
+from checkpoint import Checkpoint
+from files import write_json
+from provenance import data_fingerprint, split_fingerprint
+from record import Run
 
 EXERCISE = 'exercise_2_3'
 # What part 1's --checkpoint must hold: CAM needs conv feature maps (model.features) and a GAP + Linear head
@@ -448,10 +451,10 @@ def find_checkpoint(config: dict, overrides: dict) -> str:
     return best
 
 
-def explain_cnn(run: Run, model: nn.Module, ckpt: dict, config: dict, overrides: dict) -> dict:
+def explain_cnn(run: Run, model: nn.Module, ckpt: Checkpoint, config: dict, overrides: dict) -> dict:
     device = run.device
     model.to(device).eval()
-    data_config = {**ckpt['config'], 'subset': config['subset']}  # the run's data, its normalisation
+    data_config = {**ckpt.config, 'subset': config['subset']}  # the run's data, its normalisation
     if 'data_dir' in overrides:  # the checkpoint came from another machine
         data_config['data_dir'] = config['data_dir']
     data = load_data(data_config, device)
@@ -595,9 +598,9 @@ def main(config: dict, overrides: dict) -> dict:
     if cnn:  # before the Run, so the run is named after the checkpoint's dataset
         path = config['checkpoint'] or find_checkpoint(config, overrides)
         model, ckpt = load_model(path, expect=(CNN,), what=CNN_CHECKPOINT)
-        if 'dataset' in overrides and overrides['dataset'] != ckpt['config']['dataset']:
-            print(f"--dataset {overrides['dataset']} ignored: {path} was trained on {ckpt['config']['dataset']}")
-        config = {**config, 'checkpoint': path, 'dataset': ckpt['config']['dataset']}
+        if 'dataset' in overrides and overrides['dataset'] != ckpt.config['dataset']:
+            print(f"--dataset {overrides['dataset']} ignored: {path} was trained on {ckpt.config['dataset']}")
+        config = {**config, 'checkpoint': path, 'dataset': ckpt.config['dataset']}
     else:
         config = {**config, 'dataset': 'imagenette'}
     run = Run(EXERCISE, config, overrides, name='cam')

@@ -181,7 +181,7 @@ def time_ours(config: dict, data, compile: bool, timed_epochs: int, tiny: bool) 
     optimizer and scheduler step). Returns per-epoch seconds, images/s, peak memory."""
     from bench_cifar import step
     from exercise_1_3 import build_model
-    from record import memory_format, use_amp
+    from device import memory_format, use_amp
     from training import make_optimizer, make_scheduler
     device = data.train.x.device
     torch.manual_seed(config['seed'])
@@ -232,7 +232,7 @@ def peak_tflops(device: torch.device) -> tuple[str, float | None]:
 def ddp_scaling(tmp: str, device: str, size: dict, epochs: int) -> dict:
     """samples/s of exercise 1.3 (training.train's own figure, validation excluded), median of
     epochs 2.., on 1 process and on 2 through torchrun; efficiency = rate(2) / (2 rate(1))."""
-    from record import load_checkpoint
+    from checkpoint import read as load_checkpoint
     args = ['exercise_1_3.py', '--dataset', 'cifar10', '--data_dir', os.path.join(tmp, 'data'), '--device', device,
             '--epochs', str(epochs), '--wandb', 'off', '--runs_dir', os.path.join(tmp, 'ddp'),
             '--widths', str(size['widths']).replace(' ', ''), '--batch_size', str(size['batch_size'])]
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"gpu_check: {gpu}, torch {torch.__version__}, {report['seconds']} s"
                 f"{' (DRY RUN: tiny sizes, figures mean nothing)' if tiny else ''}", rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    from record import write_json
+    from files import write_json
     write_json(args.out, json.loads(json.dumps(report, default=str)))  # atomic, like every file a run writes
     print(f"wrote {args.out}" + (f"; {len(problems)} problem(s):\n  " + '\n  '.join(problems) if problems else ''))
     return 1 if problems else 0
