@@ -330,12 +330,12 @@ def resumed_config(ck: Checkpoint, config: dict, overrides: dict, may_change: se
     if changed:
         keys = ', '.join(f"{k} ({old.get(k)!r} -> {v!r})" for k, v in changed.items())
         raise UserError(f"resuming {config['resume']} cannot change {keys}: its optimizer, schedule and model "
-                        f"state were built with the old values. Resume without them, or start a new run")
+                        f"state were built with the old values; resume without them, or start a new run")
     # defaults of keys newer than the checkpoint, then the checkpoint's config, then allowed changes
     resumed = {**config, **old, **{k: v for k, v in overrides.items() if k in allowed}}
     resumed['resume'] = config['resume']
     resumed['runs_dir'] = os.path.dirname(os.path.dirname(folder))
     if ck.epoch >= resumed['epochs'] and os.path.exists(os.path.join(folder, 'results.json')):
-        raise UserError(f"{config['resume']} finished all {plural(ck.epoch, 'epoch')} and has results.json: nothing "
-                        f"to resume. Evaluate it with `python evaluate.py {config['resume']}`, or start a new run")
+        raise UserError(f"{config['resume']} finished all {plural(ck.epoch, 'epoch')} and has results.json, so there is "
+                        f"nothing to resume: evaluate it with `python evaluate.py {config['resume']}`, or start a new run")
     return resumed

@@ -346,7 +346,7 @@ def check_finite(loss_sum: float, epoch: int, run: Run) -> None:
         last = run.path('checkpoints', 'last.pt')
         kept = (f"The last good checkpoint is {last}" if os.path.exists(last) else
                 "No checkpoint was written: the run had not finished an epoch")
-        raise UserError(f"training loss became {loss_sum} in epoch {epoch}; stopped. {kept}. Try a lower --lr.")
+        raise UserError(f"training loss became {loss_sum} in epoch {epoch}, so the run stopped: try a lower --lr ({kept})")
 
 
 def epoch_line(row: dict, epochs: int) -> str:
