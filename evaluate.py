@@ -91,7 +91,7 @@ def check_model_on_data(model: nn.Module, data: Data, path: str, what: str = '')
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures (drawn with pyplot(); written with record.save_figure or Run.log_figure)
+# Figures (drawn with pyplot(); written with files.save_figure or Run.log_figure)
 
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (runs need no display); imported lazily."""

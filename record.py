@@ -26,7 +26,7 @@ from rundir import (RunFolder, check_deletable, check_exercise, check_runs_dir, 
                     release, resume_folder, resumed_config)
 from sinks import Sinks
 
-# Names that moved out of record.py, kept importable from here for scripts written against the old layout.
+# Names that moved out of record.py, importable from here until every branch imports them from their owner.
 from checkpoint import read as load_checkpoint, save as save_checkpoint  # noqa: E402,F401
 from device import all_reduce_sum, barrier, is_main, memory_format, rank_world, use_amp  # noqa: E402,F401
 from files import atomic_write, save_figure, write_json  # noqa: E402,F401
