@@ -278,7 +278,7 @@ def cli(main: Callable[[dict[str, Any], dict[str, Any]], Any], config: dict[str,
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except OSError as e:  # a file or folder the disk refused outside record.atomic_write (command.txt...)
+    except OSError as e:  # a file or folder the disk refused outside files.atomic_write (command.txt...)
         if e.errno not in DISK_FAULTS:
             raise
         print(f"error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)

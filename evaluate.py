@@ -1,9 +1,9 @@
 """Evaluation, model loading and figures.
 
 `evaluate(model, split)` -> loss, accuracy, per-class accuracy, confusion matrix.
-`load_model(path, expect)` rebuilds a model from a checkpoint alone (weights_only=True), or refuses it.
+`load_model(path, expect)` rebuilds a model from a checkpoint alone (checkpoint.rebuild_model).
 `report(run, model, data, history)` runs the one test evaluation of a run, with its best-on-val
-checkpoint, and writes results.json and the figures (through record.py, like every file).
+checkpoint, and writes results.json and the figures (through the run, like every file).
 
 As a script: `python evaluate.py runs/exercise_1_1/<run>/checkpoints/best.pt` re-evaluates a
 checkpoint on its test split and records it, with its provenance, in best.evaluation.json.
@@ -18,13 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import checkpoint
 import models
 from config import UserError, run_main
-from record import (Run, all_reduce_sum, is_main, load_checkpoint, memory_format, rank_world, shown_path, use_amp,
-                    write_json)
+from device import all_reduce_sum, is_main, memory_format, rank_world, use_amp
+from files import shown_path, write_json
 
 if TYPE_CHECKING:
+    from checkpoint import Checkpoint
     from dataset import Data, Split
+    from record import Run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,33 +65,11 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1024, amp: bool =
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
-DATA_KEYS = {'dataset', 'data_dir', 'val_split', 'subset'}  # what load_data needs from a checkpoint's config
-
-
-def load_model(path: str, expect: tuple[type[nn.Module], ...] = (), what: str = '') -> tuple[nn.Module, dict]:
-    """(model with the checkpoint's weights, checkpoint) — rebuilt from the checkpoint alone.
-
-    The one check of a checkpoint a script is given: UserError (one line naming `what` the script
-    expected) unless the file holds a model of this project whose weights fit it, of a class in
-    `expect` (empty = any), with a config that names its data. check_model_on_data then checks
-    the model against that data."""
-    ckpt = load_checkpoint(path)
-    name, args = ckpt['model_class'], ckpt['model_args']
-    exercise = ckpt.get('exercise') or 'an unknown exercise'
-    expected = f"; expected {what}" if what else ''
-    cls = getattr(models, name, None) if isinstance(name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or not isinstance(args, dict):
-        raise UserError(f"{path}: unknown model class {name!r}{expected}")
-    if expect and not issubclass(cls, expect):
-        raise UserError(f"{path} holds a {name} of {exercise}{expected or ', which this script cannot use'}")
-    if not isinstance(ckpt['config'], dict) or not DATA_KEYS <= ckpt['config'].keys():
-        raise UserError(f"{path}: its config does not say which data its model was trained on{expected}")
-    try:
-        model = cls(**args)
-        model.load_state_dict(ckpt['model'])
-    except Exception as e:  # noqa: BLE001 - arguments or weights that do not build this class
-        raise UserError(f"{path}: its weights do not fit a {name}({args}) ({type(e).__name__}){expected}") from None
-    return model, ckpt
+def load_model(path: str, expect: tuple[type[nn.Module], ...] = (), what: str = '') -> tuple[nn.Module, Checkpoint]:
+    """(model with the checkpoint's weights, checkpoint.Checkpoint), rebuilt from the checkpoint alone;
+    UserError (one line naming `what` the script expected) unless it is a model of this project of a
+    class in `expect` (empty = any) whose weights fit. check_model_on_data then checks it on data."""
+    return checkpoint.rebuild_model(path, expect, what)
 
 
 def check_model_on_data(model: nn.Module, data: Data, path: str, what: str = '') -> None:
@@ -110,7 +91,7 @@ def check_model_on_data(model: nn.Module, data: Data, path: str, what: str = '')
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures (drawn with pyplot(); written with record.save_figure or Run.log_figure)
+# Figures (drawn with pyplot(); written with files.save_figure or Run.log_figure)
 
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (runs need no display); imported lazily."""
@@ -186,13 +167,13 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], title: str = '')
 
 def report(run: Run, model: nn.Module, data: Data, history: list[dict]) -> dict:
     """Test the best-on-val checkpoint once; write results.json and figures; close the run."""
-    best = load_checkpoint(run.path('checkpoints', 'best.pt'))
-    model.load_state_dict(best['model'])
+    best = checkpoint.load(run.path('checkpoints', 'best.pt'))
+    model.load_state_dict(best.model_state)
     test = evaluate(model, data.test, amp=use_amp(run.device, run.config),
                     memory_format=memory_format(run.device, model, run.config))
     results = {
         'test_acc': test['acc'], 'test_loss': test['loss'],
-        'best_val_acc': best['best_val_acc'], 'best_epoch': best['best_epoch'],
+        'best_val_acc': best.best_val_acc, 'best_epoch': best.best_epoch,
         'epochs_run': len(history), 'train_seconds': sum(h['epoch_seconds'] for h in history),  # validation included
         'num_params': models.num_params(model), 'dataset': data.name, 'device': str(run.device),
         'torch_version': torch.__version__, 'world_size': run.world,
@@ -203,14 +184,13 @@ def report(run: Run, model: nn.Module, data: Data, history: list[dict]) -> dict:
         run.finish()
         return results
     write_json(run.path('results.json'), results)
-    run.log({'test/acc': test['acc'], 'test/loss': test['loss']}, step=len(history))
     run.log_figure('curves', plot_curves(history, run.config, f"{run.exercise}: {run.name}"))
     run.log_figure('confusion', plot_confusion(test['confusion'], data.classes,
                                                f"{data.name} test, acc {100 * test['acc']:.2f}%"))
-    if not run.quiet:  # a study cell: study.cached_run prints its one line
+    if not run.quiet:  # a study cell: training.cached_run prints its one line
         path = shown_path(run.path('results.json'))  # relative under the working directory: fits a screen
         print(f"test acc {100 * test['acc']:.2f}% (loss {test['loss']:.4f}) with best.pt from epoch "
-              f"{best['best_epoch']} (val acc {100 * best['best_val_acc']:.2f}%) -> {path}")
+              f"{best.best_epoch} (val acc {100 * best.best_val_acc:.2f}%) -> {path}")
     run.finish(results)
     return results
 
@@ -223,7 +203,8 @@ was trained on (the checkpoint's config: dataset, data_dir, val_split, subset)."
 
 def main(argv: list[str]) -> None:
     from dataset import load_data
-    from record import now, pick_device, provenance
+    from device import pick_device
+    from provenance import now, provenance
     if argv in (['-h'], ['--help']):
         print(USAGE)
         return
@@ -233,7 +214,7 @@ def main(argv: list[str]) -> None:
     what = "a classifier's checkpoint (best.pt or last.pt of exercise 1.1, 1.2, 1.3 or 2.2's classifier stage)"
     model, ckpt = load_model(argv[0], what=what)
     device = pick_device('auto')  # where it runs now, not where it trained: a CUDA run's checkpoint on a CPU box
-    data = load_data(ckpt['config'], device)
+    data = load_data(ckpt.config, device)
     check_model_on_data(model, data, argv[0], what)
     test = evaluate(model.to(device), data.test)
     print(f"{argv[0]}: {data.name} test acc {100 * test['acc']:.2f}% loss {test['loss']:.4f}")
@@ -244,7 +225,7 @@ def main(argv: list[str]) -> None:
                           'per_class_acc': [round(a, 6) for a in test['per_class_acc']],
                           'provenance': provenance(device, 1, data, started)})
         print(f"-> {path}")
-    except UserError as e:  # a read-only checkpoint folder (record.cannot_write): the printed line is the result
+    except UserError as e:  # a read-only checkpoint folder (files.cannot_write): the printed line is the result
         print(f"warning: {e}; the result above is not recorded")
 
 

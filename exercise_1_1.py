@@ -10,11 +10,9 @@ Measured results, and the data and hardware behind them, are in docs/exercise_1_
     python exercise_1_1.py --help                            # every key, default and reason
 """
 from config import COMMON, cli
-from dataset import dataset_names, load_data
-from evaluate import report
+from dataset import Data, dataset_names
 from models import MLP
-from record import Run
-from training import train
+from training import train_run
 
 config = {
     **COMMON,
@@ -31,15 +29,14 @@ config = {
 }
 
 
+def build_model(config: dict, data: Data) -> MLP:
+    c, h, w = data.shape
+    return MLP(c * h * w, config['hidden'], data.num_classes, dropout=config['dropout'])
+
+
 def main(config: dict, overrides: dict) -> dict:
     name = 'mlp-' + 'x'.join(map(str, config['hidden']))
-    run = Run('exercise_1_1', config, overrides, name=name)
-    config = run.config  # the checkpoint's, when resuming
-    data = load_data(config, run.device)
-    c, h, w = data.shape
-    model = MLP(c * h * w, config['hidden'], data.num_classes, dropout=config['dropout'])
-    history = train(model, data, run)
-    return report(run, model, data, history)
+    return train_run('exercise_1_1', config, build_model, overrides, name=name)
 
 
 if __name__ == '__main__':

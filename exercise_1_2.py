@@ -28,7 +28,8 @@ Measured results, and the data and hardware behind them, are in docs/exercise_1_
 from config import COMMON, STUDY, UserError, cli, plural, resume_may_change
 from dataset import Data, dataset_names
 from models import INITS, MLP, SkipMLP
-from study import run_parts, train_run
+from study import run_parts
+from training import train_run
 
 EXERCISE = 'exercise_1_2'
 

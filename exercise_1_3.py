@@ -40,7 +40,8 @@ model.classifier the linear head.
 from config import COMMON, STUDY, UserError, cli, plural, resume_may_change
 from dataset import Data, dataset_names, with_defaults
 from models import CNN, INITS
-from study import run_parts, train_run
+from study import run_parts
+from training import train_run
 
 EXERCISE = 'exercise_1_3'
 

@@ -29,8 +29,9 @@ from analysis import (calibrate_batchnorm, head, landscape, lesion_study, plot_l
                       plot_lesion, plot_shattering, shattering)
 from config import UserError, cli
 from dataset import Data, dataset_names, load_data
+from device import pick_device
 from evaluate import load_model
-from record import pick_device, save_figure, write_json
+from files import save_figure, write_json
 from study import cell_config, cell_dir, cell_id, gradient_study, plot_grad_norms, print_grad_summary, run_study
 
 EXERCISE = 'exercise_2_1'

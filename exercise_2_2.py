@@ -22,10 +22,12 @@ import canvases
 import detect
 from config import AFTER, CHOOSES, COMMON, DATA, RECIPE, RESULT, UserError, check, cli, keys_with
 from dataset import Data, dataset_names, load_data
+from device import device_info
 from evaluate import check_model_on_data, load_model
+from files import write_json
 from models import CNN, MLP
-from record import Run, device_info, write_json
-from study import cached_run, digest
+from record import Run
+from training import cached_run, digest
 
 EXERCISE = 'exercise_2_2'
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -144,7 +146,7 @@ def stage_name(kind: str, stage_config: dict, identity: dict) -> str:
 
 
 def train_stage(kind: str, stage_config: dict, identity: dict, make_data, build_model) -> tuple[str, dict]:
-    """runs/exercise_2_2/<kind>-<dataset>-<digest of identity>, through study.cached_run: reused if
+    """runs/exercise_2_2/<kind>-<dataset>-<digest of identity>, through training.cached_run: reused if
     finished, resumed if interrupted, else trained on make_data(config, device) with
     build_model(config, data). Returns (best.pt path, results)."""
     run_dir, results = cached_run(EXERCISE, stage_config, stage_name(kind, stage_config, identity),
@@ -175,7 +177,7 @@ def classifier_data(classifier: nn.Module, ckpt: dict, path: str, config: dict, 
         detect.fully_convolutionalize(classifier, (1, WINDOW, WINDOW))
     except UserError as e:
         raise UserError(f"{path}: {e}; expected {CLASSIFIER_CHECKPOINT}") from None
-    data_config = {**ckpt['config'], 'subset': config['subset'], 'augment': False}
+    data_config = {**ckpt.config, 'subset': config['subset'], 'augment': False}
     if 'data_dir' in overrides or config['checkpoint'] == '':
         data_config['data_dir'] = config['data_dir']
     if data_config['dataset'] != config['dataset']:
@@ -276,7 +278,7 @@ def main(config: dict, overrides: dict) -> dict:
     if config['checkpoint']:
         path = config['checkpoint']
         classifier, ckpt = load_model(path, expect=(CNN, MLP), what=CLASSIFIER_CHECKPOINT)
-        model_class, dataset = ckpt['model_class'], ckpt['config']['dataset']
+        model_class, dataset = ckpt.model_class, ckpt.config['dataset']
     else:
         path = os.path.join(config['runs_dir'], EXERCISE, stage_name('classifier', stage, classifier_identity),
                             'checkpoints', 'best.pt')
@@ -305,7 +307,7 @@ def main(config: dict, overrides: dict) -> dict:
     # 5. records: results.json, figures, tables; run.finish adds W&B's summary and TensorBoard's HParams
     results = {
         'dataset': data.name, 'classes': data.classes,
-        'classifier': {'checkpoint': path, 'model_class': ckpt['model_class'], 'model_args': ckpt['model_args'],
+        'classifier': {'checkpoint': path, 'model_class': ckpt.model_class, 'model_args': ckpt.model_args,
                        'test_acc': stage_results(path).get('test_acc')},
         'background_classifier': background_record,
         'canvases': {**canvas_keys(config),

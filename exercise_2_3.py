@@ -19,13 +19,16 @@ import textwrap
 import torch
 from torch import Tensor, nn
 
+from checkpoint import Checkpoint
 from config import COMMON, DATA, RUNS, SCHEDULE, UserError, cli, keys_with
 from dataset import DATASETS, Split, dataset_names, load_data, load_imagenette, spread
 from evaluate import check_model_on_data, load_model
 from explain import describe, faithfulness, map_size, predict_all, table_rows
 from explain_display import example_figures, plot_faithfulness, print_table
+from files import write_json
 from models import CNN, IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_TO_IMAGENET, build_resnet18, restrict_head
-from record import Run, data_fingerprint, split_fingerprint, write_json
+from provenance import data_fingerprint, split_fingerprint
+from record import Run
 
 EXERCISE = 'exercise_2_3'
 # What part 1's --checkpoint must hold: CAM needs conv feature maps (model.features) and a GAP + Linear head
@@ -173,9 +176,9 @@ def find_checkpoint(config: dict, overrides: dict) -> str:
     return best
 
 
-def explain_cnn(run: Run, model: nn.Module, ckpt: dict, config: dict, overrides: dict) -> dict:
+def explain_cnn(run: Run, model: nn.Module, ckpt: Checkpoint, config: dict, overrides: dict) -> dict:
     model.to(run.device).eval()
-    data_config = {**ckpt['config'], 'subset': config['subset']}  # the run's data, its normalisation
+    data_config = {**ckpt.config, 'subset': config['subset']}  # the run's data, its normalisation
     if 'data_dir' in overrides:  # the checkpoint came from another machine
         data_config['data_dir'] = config['data_dir']
     data = load_data(data_config, run.device)
@@ -262,9 +265,9 @@ def main(config: dict, overrides: dict) -> dict:
     if cnn:  # before the Run, so the run is named after the checkpoint's dataset
         path = config['checkpoint'] or find_checkpoint(config, overrides)
         model, ckpt = load_model(path, expect=(CNN,), what=CNN_CHECKPOINT)
-        if 'dataset' in overrides and overrides['dataset'] != ckpt['config']['dataset']:
-            print(f"--dataset {overrides['dataset']} ignored: {path} was trained on {ckpt['config']['dataset']}")
-        config = {**config, 'checkpoint': path, 'dataset': ckpt['config']['dataset']}
+        if 'dataset' in overrides and overrides['dataset'] != ckpt.config['dataset']:
+            print(f"--dataset {overrides['dataset']} ignored: {path} was trained on {ckpt.config['dataset']}")
+        config = {**config, 'checkpoint': path, 'dataset': ckpt.config['dataset']}
     else:
         config = {**config, 'dataset': 'imagenette'}
     run = Run(EXERCISE, config, overrides, name='cam')

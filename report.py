@@ -19,7 +19,8 @@ import json
 import os
 
 from config import UserError, run_main
-from record import REPO, atomic_write, copy_file, save_figure
+from files import atomic_write, copy_file, save_figure
+from provenance import REPO
 
 # where and how a run was run and logged: never a "setting that differs"
 NOT_SETTINGS = {'run_name', 'runs_dir', 'data_dir', 'resume', 'overwrite', 'wandb', 'wandb_project', 'wandb_verbose'}

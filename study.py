@@ -22,88 +22,39 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import math
 import os
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from config import HOW_IT_RUNS, UserError, identity
+import checkpoint
+from config import UserError, identity
 from dataset import Data, load_data
-from evaluate import evaluate, integer_ticks, load_model, plain_log_labels, pyplot, report
-from record import (Run, atomic_write, barrier, init_distributed, is_main, load_checkpoint, log_tables,
-                    pick_device, save_figure)
-from training import train
+from device import init_distributed, is_main, pick_device
+from evaluate import evaluate, integer_ticks, load_model, plain_log_labels, pyplot
+from files import atomic_write, save_figure
+from sinks import log_tables
+from training import BuildModel, cached_run, digest
 
-BuildModel = Callable[[dict, Data], nn.Module]  # (config with 'model' and 'depth', data) -> model
 CSV_COLUMNS = ['model', 'depth', 'width', 'params', 'best_val_acc', 'test_acc', 'final_train_loss',
                'clean_train_loss', 'clean_train_acc', 'train_seconds', 'cell']
 
 
 # ---------------------------------------------------------------------------------------------
-# Training runs
-
-def train_run(exercise: str, config: dict, build_model: BuildModel, overrides: dict | None = None,
-              name: str = 'run', may_change: tuple[str, ...] = (), tags: list[str] | None = None,
-              make_data: Callable[[dict, torch.device], Data] = load_data, quiet: bool = False) -> dict:
-    """One run: Run -> make_data -> build_model -> train -> report. Returns results.json's dict.
-    may_change: the script's keys that a resume may change (they do not shape this run).
-    quiet: no run, epoch and test lines (a study cell: cached_run prints one line for it)."""
-    tags = tags if tags is not None else [config['model'], f"depth={config['depth']}"]
-    run = Run(exercise, config, overrides, name=name, tags=tags, may_change=may_change, quiet=quiet)
-    config = run.config  # the checkpoint's, when resuming
-    data = make_data(config, run.device)
-    model = build_model(config, data)
-    history = train(model, data, run)
-    results = report(run, model, data, history)
-    barrier()  # rank 0 has written results.json
-    return results
-
+# Cells
 
 def cell_config(config: dict, model: str, depth: int) -> dict:
     return {**config, 'model': model, 'depth': depth, 'resume': '', 'run_name': ''}
 
 
-def digest(obj) -> str:
-    """8 hex digits of a hash of obj (as JSON): part of a run name that changes whenever obj does."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
 def cell_id(cell: dict) -> str:
     """The digest of every key that shapes the cell's result (config.identity)."""
     return digest(identity(cell))
-
-
-def cached_run(exercise: str, config: dict, run_name: str, build_model: BuildModel,
-               make_data: Callable[[dict, torch.device], Data] = load_data,
-               tags: list[str] | None = None, quiet: bool = False) -> tuple[str, dict]:
-    """runs/<exercise>/<run_name>, a name that carries the digest of the settings it stands for:
-    reused when it finished (results.json), resumed from its last.pt when it was interrupted (where
-    and how it runs, config.HOW_IT_RUNS, from this command, not from the checkpoint), else trained.
-    Returns (run directory, results.json's dict). quiet: one line for the run (a study cell), in
-    place of its run, epoch and test lines."""
-    run_dir = os.path.join(config['runs_dir'], exercise, run_name)
-    last = os.path.join(run_dir, 'checkpoints', 'last.pt')
-    if os.path.exists(os.path.join(run_dir, 'results.json')):
-        how = 'skip (done, same settings)'
-        if not quiet and is_main():
-            print(f"skip {run_dir}: done, same settings")
-    else:  # a folder without last.pt never checkpointed: nothing in it to keep
-        how = f'trained, resuming {last}' if os.path.exists(last) else 'trained'
-        cell = {**config, 'run_name': run_name, 'overwrite': True, 'resume': last if os.path.exists(last) else ''}
-        train_run(exercise, cell, build_model, {k: cell[k] for k in HOW_IT_RUNS if k in cell},
-                  tags=tags, make_data=make_data, quiet=quiet)
-    with open(os.path.join(run_dir, 'results.json')) as f:
-        results = json.load(f)
-    if quiet and is_main():
-        print(f"{run_name}: test acc {100 * results['test_acc']:.2f}% (best val {100 * results['best_val_acc']:.2f}%), "
-              f"{results['train_seconds']:.1f}s, {how}", flush=True)
-    return run_dir, results
 
 
 def cell_dir(exercise: str, cell: dict) -> str:
@@ -181,8 +132,8 @@ def study_row(run_dir: str, cell: dict) -> dict:
     config must have the identity `cell` asks for: a row never describes other settings."""
     with open(os.path.join(run_dir, 'results.json')) as f:
         results = json.load(f)
-    ckpt = load_checkpoint(os.path.join(run_dir, 'checkpoints', 'last.pt'))
-    config, history = ckpt['config'], ckpt['history']
+    ckpt = checkpoint.load(os.path.join(run_dir, 'checkpoints', 'last.pt'))
+    config, history = ckpt.config, ckpt.history
     if cell_id(config) != cell_id(cell):
         raise UserError(f"{run_dir} holds a cell trained with other settings (cell {cell_id(config)}, "
                         f"expected {cell_id(cell)}); move it away and run the study again")
@@ -247,11 +198,11 @@ def gradient_study(exercise: str, config: dict, build_model: BuildModel,
             if not os.path.exists(best):
                 raise UserError(f"{best} does not exist: run --part study with the same settings first")
             trained, ckpt = load_model(best)
-            torch.manual_seed(ckpt['config']['seed'])  # as Run does before the script builds the model
-            initial = build_model(ckpt['config'], data)
+            torch.manual_seed(ckpt.config['seed'])  # as Run does before the script builds the model
+            initial = build_model(ckpt.config, data)
             for stage, model in (('init', initial), ('trained', trained)):
                 torch.manual_seed(0)  # same dropout masks, if any, for every model
-                norms = grad_norms(model.to(device).train(), x, y, ckpt['config']['label_smoothing'])
+                norms = grad_norms(model.to(device).train(), x, y, ckpt.config['label_smoothing'])
                 records.append({'model': model_name, 'depth': depth, 'stage': stage, 'norms': norms})
     return records
 

@@ -1,32 +1,37 @@
-"""The one training loop.
+"""The one training path: train_run(config) -> train(model, data, run) -> epochs -> steps.
 
-`train(model, data, run)` fits a classifier with cross-entropy, selects on the validation split
-and checkpoints every epoch; every exercise and every study cell goes through it. The run's
-record (directory, checkpoints, TensorBoard, W&B) is record.Run.
-
-Under torchrun (docs/many_gpus.md) the same loop runs on every process: all ranks draw the
-same permutation and augmentation for the global batch and each trains on its slice, wrapped
-in DistributedDataParallel; rank 0 alone writes. Without torchrun nothing of that is active.
+`step` is one optimizer step, `run_epoch` one pass over the training split with validation and
+checkpoints, `train` the loop around them; `train_run` is Run -> data -> model -> train ->
+evaluate.report, which every exercise, study cell and 2.2/2.3 classifier goes through, and
+`cached_run` reuses or resumes a run whose name carries the digest of its settings.
+Under torchrun every process runs the same loop on its slice of each global batch (docs/many_gpus.md).
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from config import UserError
-from dataset import Data
-from evaluate import evaluate
-from record import Run, all_reduce_sum, barrier, memory_format, save_checkpoint, use_amp
+from checkpoint import Rngs, TrainState, restore, snapshot
+from config import HOW_IT_RUNS, UserError
+from dataset import Data, load_data
+from device import Prepared, all_reduce_sum, barrier, broadcast_buffers, is_main, prepare
+from evaluate import evaluate, report
+from record import Run
+
+BuildModel = Callable[[dict, Data], nn.Module]  # (config, data) -> model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,34 +139,16 @@ class Progress:
         self.bar.close()
 
 
-def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
-    """The CUDA RNG state of the run's own device (None off CUDA): a checkpoint must not depend on
-    how many GPUs were visible where it was written."""
-    return torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
-
-
-def restore_cuda_rng(state, device: torch.device) -> None:
-    """Put back cuda_rng_state's state on `device`. Checkpoints written before it hold a list, one
-    state per GPU visible then: the entry of this device's index is used if there is one (a run
-    resumed with fewer GPUs visible, or on another index, draws afresh on the missing ones)."""
-    if isinstance(state, (list, tuple)):
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        state = state[index] if index < len(state) else None
-    if state is not None:
-        torch.cuda.set_rng_state(state, device)
-
-
 # ---------------------------------------------------------------------------------------------
 # Model selection and divergence
 
 SELECTION = 'best.pt: highest val/acc; ties go to the lower val/loss, then to the earlier epoch'
 
 
-def better(val: dict, state: dict) -> bool:
+def better(val: dict, state: TrainState) -> bool:
     """Whether this epoch's validation beats the best so far (SELECTION). Small validation sets
     saturate (digits reaches 100%): the first epoch at 100% need not be the best model."""
-    return val['acc'] > state['best_val_acc'] or (
-        val['acc'] == state['best_val_acc'] and val['loss'] < state['best_val_loss'])
+    return val['acc'] > state.best_val_acc or (val['acc'] == state.best_val_acc and val['loss'] < state.best_val_loss)
 
 
 DIVERGED = 5  # x ln(classes): a uniform guess scores 1x; a learning run never averages 5x over an epoch
@@ -179,197 +166,243 @@ def diverged(row: dict, num_classes: int, lr: float) -> dict | None:
                       f"a learning rate; try --lr {lr / 10:g}"}
 
 
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
-def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
-    """Train `model` on data.train, select on data.val, checkpoint every epoch; return history.
+@dataclass
+class Loop:
+    """What one training run holds while it trains."""
+    run: Run
+    data: Data
+    net: Prepared
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    rngs: Rngs
+    state: TrainState
+    steps: int  # optimizer steps per epoch
+    wrote_checkpoint: bool = False
 
-    last.pt (every epoch, and on SIGINT/SIGTERM mid-epoch) and best.pt (best val/acc) hold the
-    model, optimizer, scheduler, RNG states, position in the epoch, history and config, so a
-    resumed run continues exactly where it stopped: on the CPU, bitwise. Everything that can be
-    refused is checked before run.start(), and a fresh run that fails before its first checkpoint
-    leaves no directory behind.
+
+def step(loop: Loop, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> None:
+    """One optimizer step on a global batch (x, y); adds (loss * n, correct, n) of this process to sums."""
+    rank, world, n_global = loop.run.rank, loop.run.world, len(y)
+    if world > 1:  # this process's slice of the global batch
+        x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    x = x.contiguous(memory_format=loop.net.memory_format)
+    ls = loop.run.config['label_smoothing']
+    with loop.net.autocast:
+        logits = loop.net.forward(x)
+        if world == 1:
+            loss = F.cross_entropy(logits, y, label_smoothing=ls)
+        else:  # DDP averages gradients over ranks: this makes it the global batch mean
+            loss = F.cross_entropy(logits, y, label_smoothing=ls, reduction='sum') * world / n_global
+    loop.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    loop.optimizer.step()
+    loop.scheduler.step()
+    sums[0] += loss.detach().float() * n_global / world if world > 1 else loss.detach().float() * len(y)
+    sums[1] += (logits.argmax(1) == y).sum()
+    sums[2] += len(y)
+
+
+def train_epoch(loop: Loop, stop_request: StopRequest) -> tuple[torch.Tensor, bool]:
+    """The rest of the current epoch (a resumed one continues its order). Returns (sums, stopped)."""
+    run, state, device = loop.run, loop.state, loop.run.device
+    if state.order is None:  # a new epoch
+        state.order = torch.randperm(len(loop.data.train), generator=loop.rngs.data)
+    sums = state.sums.to(device)  # loss * n, correct, n of this process (no per-step sync)
+    loop.net.model.train()
+    progress = Progress(loop.steps, state.batch, f"epoch {state.epoch + 1}/{run.config['epochs']}",
+                        enabled=run.rank == 0, world=run.world)
+    batches = loop.data.train.batches(run.config['batch_size'], state.order.to(device), start=state.batch,
+                                      generator=loop.rngs.augment)
+    for x, y in itertools.islice(batches, loop.steps - state.batch):
+        step(loop, x, y, sums)
+        state.batch += 1
+        progress.update(sums, len(y))
+        if stop_request.requested if run.world == 1 else state.batch % 20 == 0 and stop_request.agreed(device):
+            progress.close()
+            return sums, True
+    progress.close()
+    return sums, False
+
+
+def run_epoch(loop: Loop, stop_request: StopRequest) -> None:
+    """Train, validate, checkpoint (best.pt, last.pt), then print and log the epoch's row."""
+    run, state, model = loop.run, loop.state, loop.net.model
+    t0 = time.perf_counter()
+    sums, stopped = train_epoch(loop, stop_request)
+    total = all_reduce_sum(sums.clone())  # every process's sums
+    loss_sum, correct, n = total.tolist()  # waits for the GPU, so the time below is real
+    seconds = state.seconds + time.perf_counter() - t0  # this epoch's training, all sessions
+    if stopped:
+        state.seconds = seconds
+        if math.isfinite(loss_sum):
+            stop(loop, f"stopped in epoch {state.epoch + 1} after batch {state.batch}", total, stop_request.exit_code())
+    check_finite(loss_sum, state.epoch + 1, run)
+    broadcast_buffers(model)  # evaluate and checkpoint rank 0's BatchNorm statistics, as DDP's next step would
+    val = evaluate(model, loop.data.val, amp=loop.net.amp, memory_format=loop.net.memory_format)
+    row = {'epoch': state.epoch + 1, 'train/loss': loss_sum / n, 'train/acc': correct / n,
+           'val/loss': val['loss'], 'val/acc': val['acc'], 'lr': loop.optimizer.param_groups[0]['lr'],
+           'epoch_seconds': state.seconds + time.perf_counter() - t0, 'samples_per_second': n / seconds}
+    state.epoch, state.batch, state.order, state.sums, state.seconds = state.epoch + 1, 0, None, torch.zeros(3), 0.0
+    state.history = state.history + [row]
+    if state.diverged is None:
+        state.diverged = diverged(row, loop.data.num_classes, run.config['lr'])
+        if state.diverged and run.rank == 0:
+            print(f"warning: {state.diverged['reason']}", flush=True)
+    # the epoch's checkpoints first, then its logs: a logger failing cannot cost the epoch
+    if better(val, state):
+        state.best_val_acc, state.best_val_loss, state.best_epoch = val['acc'], val['loss'], row['epoch']
+        checkpoint(loop, 'best.pt', state.sums)
+    checkpoint(loop, 'last.pt', state.sums)
+    if run.rank == 0 and not run.quiet:
+        print(epoch_line(row, run.config['epochs']), flush=True)
+    run.log({k: v for k, v in row.items() if k != 'epoch'}, step=row['epoch'])
+    wanted = stop_request.requested if run.world == 1 else stop_request.agreed(run.device)
+    if wanted and state.epoch < run.config['epochs']:
+        stop(loop, f"stopped after epoch {row['epoch']}", state.sums, stop_request.exit_code())
+
+
+def train(model: nn.Module, data: Data, run: Run) -> list[dict]:
+    """Train `model` on data.train, select on data.val, checkpoint every epoch; return the history.
+
+    last.pt (every epoch, and on SIGINT/SIGTERM mid-epoch) and best.pt (SELECTION) hold all
+    training state (checkpoint.snapshot), so a resumed run continues exactly where it stopped: on
+    the CPU, bitwise. Everything that can be refused is checked before run.start(), and a fresh
+    run that fails before its first checkpoint leaves no folder behind.
     """
-    config, device, rank, world = run.config, run.device, run.rank, run.world
+    loop = setup(model, data, run)
+    run.start()
+    try:
+        with StopRequest(speak=run.rank == 0) as stop_request:
+            while loop.state.epoch < run.config['epochs']:
+                run_epoch(loop, stop_request)
+    except BaseException as e:
+        if not loop.wrote_checkpoint and not isinstance(e, SystemExit):
+            run.discard()  # a fresh run that died before its first checkpoint leaves no stub
+        raise
+    run.notes.update(selection=SELECTION, diverged=loop.state.diverged)  # results.json records both
+    return loop.state.history
+
+
+# ---------------------------------------------------------------------------------------------
+# Around the loop: set-up, checkpoints, stopping, the epoch line
+
+def steps_per_epoch(data: Data, config: dict, world: int) -> int:
     if not len(data.train) or not len(data.val):
         raise UserError(f"empty split (train {len(data.train)}, val {len(data.val)} samples): "
                         f"--val_split must be between 0 and 1, exclusive, and --subset large enough")
-    bs = config['batch_size']
-    if bs < world:
-        raise UserError(f"--batch_size {bs} is the global batch; it must be >= the {world} processes")
-    steps_per_epoch = math.ceil(len(data.train) / bs)
-    if config['max_steps']:
-        steps_per_epoch = min(steps_per_epoch, config['max_steps'])
-    if config.get('sync_bn') and world > 1:
-        if device.type != 'cuda':
-            raise UserError("--sync_bn True needs CUDA (NCCL); on the CPU each process keeps its own BatchNorm "
-                            "statistics")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    mf = memory_format(device, model, config)
-    amp = use_amp(device, config)
-    if device.type == 'cuda' and mf == torch.channels_last:
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    model.to(device=device, memory_format=mf)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, config['epochs'] * steps_per_epoch)
-    generator = torch.Generator().manual_seed(config['seed'])  # shuffling, CPU
-    augment_generator = torch.Generator(device=device).manual_seed(config['seed'])  # augmentation, on device
-    state = dict(epoch=0, batch=0, order=None, sums=torch.zeros(3), seconds=0.0, best_val_acc=-1.0,
-                 best_val_loss=math.inf, best_epoch=0, history=[], diverged=None)
+    if config['batch_size'] < world:
+        raise UserError(f"--batch_size {config['batch_size']} is the global batch; it must be >= the {world} processes")
+    steps = math.ceil(len(data.train) / config['batch_size'])
+    return min(steps, config['max_steps']) if config['max_steps'] else steps
 
-    ck = run.checkpoint
-    if ck is not None:
-        lacking = [k for k in ('optimizer', 'scheduler', 'rng') if not isinstance(ck.get(k), dict)]
-        if lacking:
-            raise UserError(f"{config['resume']} holds no training state to resume (no {', '.join(lacking)}); "
-                            f"expected a last.pt or best.pt written by training.train")
-        if ck['model_class'] != type(model).__name__ or ck['model_args'] != model.args:
-            raise UserError(f"{config['resume']} holds a {ck['model_class']}{ck['model_args']}, but this run built "
-                            f"a {type(model).__name__}{model.args}")
-        planned = ck['scheduler'].get('total_steps', ck['scheduler'].get('T_max'))  # onecycle / cosine
-        if planned is not None and planned != config['epochs'] * steps_per_epoch:
-            raise UserError(f"{config['resume']} was scheduled for {planned} steps, this run would take "
-                            f"{config['epochs'] * steps_per_epoch}: resume with its epochs, batch_size and "
-                            f"max_steps, or start a new run")
-        model.load_state_dict(ck['model'])
-        optimizer.load_state_dict(ck['optimizer'])
-        scheduler.load_state_dict(ck['scheduler'])
-        generator.set_state(ck['rng']['data'])
-        torch.set_rng_state(ck['rng']['torch'])
-        if 'augment' in ck['rng'] and ck['rng'].get('augment_device', 'cpu') == device.type:
-            augment_generator.set_state(ck['rng']['augment'])
-        if device.type == 'cuda':
-            restore_cuda_rng(ck['rng'].get('cuda'), device)
-        state.update({k: ck[k] for k in state if k in ck})
+
+def setup(model: nn.Module, data: Data, run: Run) -> Loop:
+    """The model on its device, optimizer, scheduler, RNGs, and the checkpoint's state when resuming."""
+    config, device, rank = run.config, run.device, run.rank
+    steps = steps_per_epoch(data, config, run.world)
+    net = prepare(model, device, config, run.world)
+    optimizer = make_optimizer(net.model, config)
+    scheduler = make_scheduler(optimizer, config, config['epochs'] * steps)
+    rngs = Rngs(data=torch.Generator().manual_seed(config['seed']),
+                augment=torch.Generator(device=device).manual_seed(config['seed']))
+    state = TrainState()
+    if run.checkpoint is not None:
+        state = restore(run.checkpoint, net.model, optimizer, scheduler, rngs, device, config['epochs'] * steps)
         if rank > 0:  # the checkpoint holds rank 0's partial sums; the others start from zero
-            state['sums'] = torch.zeros(3)
-    if rank > 0:  # dropout: every process its own draws (model init above was identical on all)
-        torch.manual_seed(config['seed'] + 7919 * rank + 104729 * (state['epoch'] * steps_per_epoch + state['batch']))
+            state.sums = torch.zeros(3)
+    if rank > 0:  # dropout: every process its own draws (model init was identical on all)
+        torch.manual_seed(config['seed'] + 7919 * rank + 104729 * (state.epoch * steps + state.batch))
+    return Loop(run, data, net, optimizer, scheduler, rngs, state, steps)
 
-    forward = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    if config['compile']:
-        forward = torch.compile(forward)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
-    ls = config['label_smoothing']
-    wrote_checkpoint = False
 
-    def checkpoint(name: str, sums: torch.Tensor) -> None:
-        """Rank 0 writes (sums: the global partial sums of the epoch so far); the others wait."""
-        nonlocal wrote_checkpoint
-        if rank == 0:
-            os.makedirs(run.path('checkpoints'), exist_ok=True)
-            save_checkpoint(run.path('checkpoints', name), {
-                'model': model.state_dict(), 'model_class': type(model).__name__, 'model_args': model.args,
-                'exercise': run.exercise, 'wandb_id': run.wandb_id, 'world_size': world,
-                'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                'rng': {'data': generator.get_state(), 'torch': torch.get_rng_state(),
-                        'augment': augment_generator.get_state(), 'augment_device': device.type,
-                        'cuda': cuda_rng_state(device)},
-                'config': config, **state, 'sums': sums.cpu()})
-        wrote_checkpoint = True
-        barrier()
+def checkpoint(loop: Loop, name: str, sums: torch.Tensor) -> None:
+    """Rank 0 writes checkpoints/<name> (sums: the global partial sums of the epoch so far); the others wait."""
+    run = loop.run
+    if run.rank == 0:
+        run.save_checkpoint(name, snapshot(loop.net.model, loop.optimizer, loop.scheduler, loop.rngs, loop.state,
+                                           sums, run.config, run.exercise, run.wandb_id, run.world, run.device))
+    loop.wrote_checkpoint = True
+    barrier()
 
-    def stop(reason: str, sums: torch.Tensor, code: int) -> None:
-        checkpoint('last.pt', sums)
-        if rank == 0:
-            print(f"{reason}; saved {run.path('checkpoints', 'last.pt')}\n"
-                  f"resume with: python {os.path.basename(sys.argv[0])} --resume {run.path('checkpoints', 'last.pt')}",
-                  flush=True)
-        run.finish()
-        sys.exit(code)
 
-    run.start()
-    try:
-        with StopRequest(speak=rank == 0) as stop_request:
-            while state['epoch'] < config['epochs']:
-                epoch = state['epoch']
-                if state['order'] is None:  # a new epoch; a resumed one keeps its order
-                    state['order'] = torch.randperm(len(data.train), generator=generator)
-                sums = state['sums'].to(device)  # loss * n, correct, n of this process (no per-step sync)
-                model.train()
-                t0 = time.perf_counter()
-                progress = Progress(steps_per_epoch, state['batch'], f'epoch {epoch + 1}/{config["epochs"]}',
-                                    enabled=rank == 0, world=world)
-                batches = data.train.batches(bs, state['order'].to(device), start=state['batch'],
-                                             generator=augment_generator)
-                stopped = False
-                for x, y in itertools.islice(batches, steps_per_epoch - state['batch']):
-                    n_global = len(y)
-                    if world > 1:  # this process's slice of the global batch
-                        x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-                    x = x.contiguous(memory_format=mf)
-                    with autocast:
-                        logits = forward(x)
-                        if world == 1:
-                            loss = F.cross_entropy(logits, y, label_smoothing=ls)
-                        else:  # DDP averages gradients over ranks: this makes it the global batch mean
-                            loss = F.cross_entropy(logits, y, label_smoothing=ls, reduction='sum') * world / n_global
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    n = len(y)
-                    sums[0] += (loss.detach().float() * n_global / world if world > 1 else loss.detach().float() * n)
-                    sums[1] += (logits.argmax(1) == y).sum()
-                    sums[2] += n
-                    state['batch'] += 1
-                    progress.update(sums, n_global)
-                    if (stop_request.requested if world == 1 else
-                            state['batch'] % 20 == 0 and stop_request.agreed(device)):
-                        stopped = True
-                        break
-                progress.close()
-                total = all_reduce_sum(sums.clone())  # every process's sums
-                loss_sum, correct, n = total.tolist()  # waits for the GPU, so the time below is real
-                seconds = state['seconds'] + time.perf_counter() - t0  # this epoch's training, all sessions
-                if stopped:
-                    state['seconds'] = seconds
-                    if math.isfinite(loss_sum):
-                        stop(f"stopped in epoch {epoch + 1} after batch {state['batch']}", total,
-                             stop_request.exit_code())
-                if not math.isfinite(loss_sum):
-                    last = run.path('checkpoints', 'last.pt')
-                    kept = (f"The last good checkpoint is {last}" if os.path.exists(last) else
-                            "No checkpoint was written: the run had not finished an epoch")
-                    raise UserError(f"training loss became {loss_sum} in epoch {epoch + 1}; stopped. {kept}. "
-                                    f"Try a lower --lr.")
+def stop(loop: Loop, reason: str, sums: torch.Tensor, code: int) -> None:
+    """Checkpoint where training stands, say how to resume, and exit with `code`."""
+    run = loop.run
+    checkpoint(loop, 'last.pt', sums)
+    if run.rank == 0:
+        last = run.path('checkpoints', 'last.pt')
+        print(f"{reason}; saved {last}\nresume with: python {os.path.basename(sys.argv[0])} --resume {last}", flush=True)
+    run.finish()
+    sys.exit(code)
 
-                if world > 1:  # BatchNorm running stats differ by each rank's last slice: evaluate and
-                    import torch.distributed as dist  # checkpoint rank 0's on every rank, as DDP's next step would
-                    for buffer in model.buffers():
-                        dist.broadcast(buffer, src=0)
-                val = evaluate(model, data.val, amp=amp, memory_format=mf)
-                row = {'epoch': epoch + 1, 'train/loss': loss_sum / n, 'train/acc': correct / n,
-                       'val/loss': val['loss'], 'val/acc': val['acc'], 'lr': optimizer.param_groups[0]['lr'],
-                       'epoch_seconds': state['seconds'] + time.perf_counter() - t0,
-                       'samples_per_second': n / seconds}
-                state.update(epoch=epoch + 1, batch=0, order=None, sums=torch.zeros(3), seconds=0.0)
-                state['history'] = state['history'] + [row]
-                if state['diverged'] is None:
-                    state['diverged'] = diverged(row, data.num_classes, config['lr'])
-                    if state['diverged'] and rank == 0:
-                        print(f"warning: {state['diverged']['reason']}", flush=True)
-                # the epoch's checkpoints first, then its logs: a logger failing cannot cost the epoch
-                if better(val, state):
-                    state.update(best_val_acc=val['acc'], best_val_loss=val['loss'], best_epoch=epoch + 1)
-                    checkpoint('best.pt', state['sums'])
-                checkpoint('last.pt', state['sums'])
-                if rank == 0 and not run.quiet:
-                    print(f"epoch {epoch + 1:3d}/{config['epochs']} | train loss {row['train/loss']:.4f} "
-                          f"acc {100 * row['train/acc']:6.2f} | val loss {row['val/loss']:.4f} "
-                          f"acc {100 * row['val/acc']:6.2f} | lr {row['lr']:.2e} | {row['epoch_seconds']:5.1f}s "
-                          f"{row['samples_per_second']:,.0f} samples/s", flush=True)
-                run.log({k: v for k, v in row.items() if k != 'epoch'}, step=epoch + 1)
-                wanted = stop_request.requested if world == 1 else stop_request.agreed(device)
-                if wanted and state['epoch'] < config['epochs']:
-                    stop(f"stopped after epoch {epoch + 1}", state['sums'], stop_request.exit_code())
-    except BaseException as e:
-        if not wrote_checkpoint and not isinstance(e, SystemExit):
-            run.discard()  # a fresh run that died before its first checkpoint leaves no stub
-        raise
-    run.notes.update(selection=SELECTION, diverged=state['diverged'])  # results.json records both
-    return state['history']
+
+def check_finite(loss_sum: float, epoch: int, run: Run) -> None:
+    if not math.isfinite(loss_sum):
+        last = run.path('checkpoints', 'last.pt')
+        kept = (f"The last good checkpoint is {last}" if os.path.exists(last) else
+                "No checkpoint was written: the run had not finished an epoch")
+        raise UserError(f"training loss became {loss_sum} in epoch {epoch}, so the run stopped: try a lower --lr ({kept})")
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    return (f"epoch {row['epoch']:3d}/{epochs} | train loss {row['train/loss']:.4f} acc {100 * row['train/acc']:6.2f} "
+            f"| val loss {row['val/loss']:.4f} acc {100 * row['val/acc']:6.2f} | lr {row['lr']:.2e} | "
+            f"{row['epoch_seconds']:5.1f}s {row['samples_per_second']:,.0f} samples/s")
+
+
+# ---------------------------------------------------------------------------------------------
+# One run, and a run reused by the digest of its settings
+
+def train_run(exercise: str, config: dict, build_model: BuildModel, overrides: dict | None = None,
+              name: str = 'run', may_change: tuple[str, ...] = (), tags: list[str] | None = None,
+              make_data: Callable[[dict, torch.device], Data] = load_data, quiet: bool = False) -> dict:
+    """One run: Run -> make_data -> build_model -> train -> report. Returns results.json's dict.
+    may_change: the script's keys that a resume may change (they do not shape this run).
+    tags: W&B tags (default: the config's model and depth, where it has them).
+    quiet: no run, epoch and test lines (a study cell: cached_run prints one line for it)."""
+    if tags is None:
+        tags = ([config['model']] if 'model' in config else []) + ([f"depth={config['depth']}"] if 'depth' in config else [])
+    run = Run(exercise, config, overrides, name=name, tags=tags, may_change=may_change, quiet=quiet)
+    config = run.config  # the checkpoint's, when resuming
+    data = make_data(config, run.device)
+    model = build_model(config, data)
+    history = train(model, data, run)
+    results = report(run, model, data, history)
+    barrier()  # rank 0 has written results.json
+    return results
+
+
+def digest(obj) -> str:
+    """8 hex digits of a hash of obj (as JSON): part of a run name that changes whenever obj does."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def cached_run(exercise: str, config: dict, run_name: str, build_model: BuildModel,
+               make_data: Callable[[dict, torch.device], Data] = load_data,
+               tags: list[str] | None = None, quiet: bool = False) -> tuple[str, dict]:
+    """runs/<exercise>/<run_name>, a name that carries the digest of the settings it stands for:
+    reused when it finished (results.json), resumed from its last.pt when it was interrupted (where
+    and how it runs, config.HOW_IT_RUNS, from this command, not from the checkpoint), else trained.
+    Returns (run folder, results.json's dict). quiet: one line for the run (a study cell)."""
+    run_dir = os.path.join(config['runs_dir'], exercise, run_name)
+    last = os.path.join(run_dir, 'checkpoints', 'last.pt')
+    if os.path.exists(os.path.join(run_dir, 'results.json')):
+        how = 'skip (done, same settings)'
+        if not quiet and is_main():
+            print(f"skip {run_dir}: done, same settings")
+    else:  # a folder without last.pt never checkpointed: nothing in it to keep
+        how = f'trained, resuming {last}' if os.path.exists(last) else 'trained'
+        cell = {**config, 'run_name': run_name, 'overwrite': True, 'resume': last if os.path.exists(last) else ''}
+        train_run(exercise, cell, build_model, {k: cell[k] for k in HOW_IT_RUNS if k in cell},
+                  tags=tags, make_data=make_data, quiet=quiet)
+    with open(os.path.join(run_dir, 'results.json')) as f:
+        results = json.load(f)
+    if quiet and is_main():
+        print(f"{run_name}: test acc {100 * results['test_acc']:.2f}% (best val {100 * results['best_val_acc']:.2f}%), "
+              f"{results['train_seconds']:.1f}s, {how}", flush=True)
+    return run_dir, results

@@ -35,7 +35,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 from contextlib import nullcontext  # noqa: E402
 
 from exercise_1_3 import EXERCISE, build_model, config as default_config  # noqa: E402
-from record import Run, pick_device  # noqa: E402
+from device import pick_device  # noqa: E402
+from record import Run  # noqa: E402
 from synthetic import write_cifar10  # noqa: E402
 from training import make_optimizer, make_scheduler, train  # noqa: E402
 

@@ -131,7 +131,7 @@ def main() -> None:
             kept = [r for r in json.load(f)['rows'] if f"{r['script']}:{r['dataset']}" not in args.only]
         order = list(BUDGET)
         summary['rows'] = sorted(kept + rows, key=lambda r: order.index((r['script'], r['dataset'])))
-    from record import write_json
+    from files import write_json
     print(f"wrote {write_json(path, summary)}"
           + (f"; FAILED: {', '.join(failed)}" if failed else '; every pair learns'))
     sys.exit(1 if failed else 0)

@@ -177,11 +177,11 @@ class EpochTimer:
 def time_ours(config: dict, data, compile: bool, timed_epochs: int, tiny: bool) -> dict:
     """Exercise 1.3's model trained one warm-up epoch plus `timed_epochs`, with training.train's
     data path (Split.batches: a seeded permutation, on-device crop + flip) and step (bf16 autocast
-    and channels_last as record.use_amp/memory_format decide, cross-entropy, zero_grad, backward,
+    and channels_last as device.use_amp/memory_format decide, cross-entropy, zero_grad, backward,
     optimizer and scheduler step). Returns per-epoch seconds, images/s, peak memory."""
     from bench_cifar import step
     from exercise_1_3 import build_model
-    from record import memory_format, use_amp
+    from device import memory_format, use_amp
     from training import make_optimizer, make_scheduler
     device = data.train.x.device
     torch.manual_seed(config['seed'])
@@ -232,7 +232,7 @@ def peak_tflops(device: torch.device) -> tuple[str, float | None]:
 def ddp_scaling(tmp: str, device: str, size: dict, epochs: int) -> dict:
     """samples/s of exercise 1.3 (training.train's own figure, validation excluded), median of
     epochs 2.., on 1 process and on 2 through torchrun; efficiency = rate(2) / (2 rate(1))."""
-    from record import load_checkpoint
+    import checkpoint
     args = ['exercise_1_3.py', '--dataset', 'cifar10', '--data_dir', os.path.join(tmp, 'data'), '--device', device,
             '--epochs', str(epochs), '--wandb', 'off', '--runs_dir', os.path.join(tmp, 'ddp'),
             '--widths', str(size['widths']).replace(' ', ''), '--batch_size', str(size['batch_size'])]
@@ -245,8 +245,8 @@ def ddp_scaling(tmp: str, device: str, size: dict, epochs: int) -> dict:
         if result.returncode != 0:
             raise RuntimeError(f"{world} process(es) exited {result.returncode}: "
                                f"{(result.stderr.strip().splitlines() or [''])[-1]}")
-        history = load_checkpoint(os.path.join(tmp, 'ddp', 'exercise_1_3', f'world{world}', 'checkpoints',
-                                               'last.pt'))['history']
+        history = checkpoint.load(os.path.join(tmp, 'ddp', 'exercise_1_3', f'world{world}', 'checkpoints',
+                                               'last.pt')).history
         rates[world] = statistics.median(h['samples_per_second'] for h in history[1:])
         print(f"  exercise_1_3.py on {world} process(es): {rates[world]:,.0f} samples/s", flush=True)
     return {'samples_per_second_1': rates[1], 'samples_per_second_2': rates[2],
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"gpu_check: {gpu}, torch {torch.__version__}, {report['seconds']} s"
                 f"{' (DRY RUN: tiny sizes, figures mean nothing)' if tiny else ''}", rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    from record import write_json
+    from files import write_json
     write_json(args.out, json.loads(json.dumps(report, default=str)))  # atomic, like every file a run writes
     print(f"wrote {args.out}" + (f"; {len(problems)} problem(s):\n  " + '\n  '.join(problems) if problems else ''))
     return 1 if problems else 0

@@ -67,7 +67,7 @@ def test_amp_and_channels_last_on_the_cpu(cifar_config, on):
     assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last) == on
     assert all(torch.isfinite(torch.tensor(h['train/loss'])) for h in history)
     _, ckpt = load_model(run.path('checkpoints', 'last.pt'))  # rebuilt from fp32 state, whatever the memory format
-    assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt['model'].values())
+    assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt.model_state.values())
 
 
 def test_bf16_autocast_agrees_with_fp32_within_bf16_precision(cifar_config):

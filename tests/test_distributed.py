@@ -137,7 +137,7 @@ def watch_writes(root: str, found: list) -> None:
 def worker(tmp: str, data_dir: str) -> None:
     """One rank of a launch (RANK, WORLD_SIZE... in the environment). Writes its findings to
     tmp/out/rank<r>.pt; the runs themselves write (rank 0 only) under tmp/runs."""
-    import record
+    import device
     from config import UserError
     rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
     config = make_config(tmp, data_dir)
@@ -169,7 +169,7 @@ def worker(tmp: str, data_dir: str) -> None:
     last = os.path.join(config['runs_dir'], 'exercise_1_1', 'stopped', 'checkpoints', 'last.pt')
     if rank == 0:  # a copy for the test to resume on one process
         shutil.copytree(os.path.dirname(os.path.dirname(last)), os.path.join(tmp, 'stopped-copy'))
-    record.barrier()
+    device.barrier()
 
     model, run, history = fit({**config, 'run_name': 'stopped', 'resume': last}, {'resume': last})
     found.update(resumed={k: v.clone() for k, v in model.state_dict().items()}, resumed_epochs=len(history))
@@ -285,7 +285,7 @@ def test_sync_bn_is_refused_on_the_cpu_on_every_rank(tmp, two):
 
 
 def test_sigterm_stops_every_rank_at_one_step_and_resumes_on_2_or_1_processes(tmp, single, two):
-    from record import load_checkpoint
+    from checkpoint import read as load_checkpoint
     assert [r['stop_code'] for r in two] == [143, 143]  # 128 + SIGTERM, as the shell reports it
     assert two[0]['output'].count('SIGTERM: stopping after this step') == 1  # one process speaks
     assert 'stopping after this step' not in two[1]['output'] and 'resume with' not in two[1]['output']
@@ -339,8 +339,8 @@ def test_torchrun_command_line(tmp_path):
     from dataset import load_data
     from evaluate import evaluate, load_model
     model, ckpt = load_model(str(out / 'ddp' / 'checkpoints' / 'best.pt'))
-    val = evaluate(model, load_data(ckpt['config'], 'cpu').val)
-    assert val['loss'] == pytest.approx(ckpt['history'][-1]['val/loss'], rel=1e-5)
+    val = evaluate(model, load_data(ckpt.config, 'cpu').val)
+    assert val['loss'] == pytest.approx(ckpt.history[-1]['val/loss'], rel=1e-5)
 
 
 def parts(argv: list[str]) -> None:

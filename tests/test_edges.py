@@ -17,12 +17,13 @@ import torch
 
 import exercise_1_2
 import exercise_2_2
-import record
+import rundir
 import study
 import training
 from config import UserError
-from record import Run, load_checkpoint
-from study import digest
+from checkpoint import read as load_checkpoint
+from record import Run
+from training import digest
 from test_trust import argv_of, run_1_1  # exercise 1.1 from the command line, in-process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,7 +203,7 @@ def test_a_run_is_held_by_one_process_and_a_killed_ones_lock_is_taken_over(confi
         holder.wait(timeout=30)
         run = Run('exercise_1_1', {**config, **resume, 'scheduler': 'none'}, resume)
         assert f'took over from process {holder.pid}' in capsys.readouterr().out
-        record.release(run.dir)
+        rundir.release(run.dir)
     finally:
         holder.kill()
         holder.wait(timeout=30)
@@ -213,7 +214,7 @@ def test_two_fresh_runs_of_one_name_the_second_is_refused(config):
     first = Run('exercise_1_1', config)
     second = Run('exercise_1_1', {**config, 'seed': 1})  # both checked the name before either started
     first.start()
-    held = getattr(record, '_HELD', {})  # this process's claims: hide first's, so second meets it as another would
+    held = getattr(rundir, '_HELD', {})  # this process's claims: hide first's, so second meets it as another would
     fd = held.pop(os.path.realpath(first.dir), None)
     try:
         with pytest.raises(UserError, match='is in use by process'):
@@ -293,8 +294,8 @@ def test_a_full_disk_for_real_is_one_line(config, capsys, tmp_path, monkeypatch)
         assert checkpoint['epoch'] == 2 or open(last, 'rb').read() == good
         assert not glob.glob(os.path.join(runs, '**', '.*.tmp'), recursive=True)
     finally:
-        for key in [k for k in getattr(record, '_HELD', {}) if k.startswith(str(mnt))]:
-            record.release(key)  # the failed run's claim, held until exit otherwise
+        for key in [k for k in getattr(rundir, '_HELD', {}) if k.startswith(str(mnt))]:
+            rundir.release(key)  # the failed run's claim, held until exit otherwise
         subprocess.run(['umount', '-l', str(mnt)], capture_output=True)
 
 
@@ -313,7 +314,7 @@ def test_temp_files_and_a_lock_left_by_a_killed_process_are_cleared_on_resume(co
     out = capsys.readouterr().out
     assert 'took over from process 999999 on elsewhere' in out and 'removed 1 temp file' in out
     assert not os.path.exists(orphan) and os.path.exists(mine)
-    record.release(run.dir)
+    rundir.release(run.dir)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import evaluate
 import exercise_1_1
 import exercise_2_3 as ex23
@@ -95,18 +96,18 @@ def test_cuda_rng_state_is_the_run_devices_own(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda states: pytest.fail('every visible GPU restored'))
     monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
 
-    state = training.cuda_rng_state(torch.device('cuda', 3))        # written by a run on cuda:3 of 4
+    state = checkpoint.cuda_rng_state(torch.device('cuda', 3))        # written by a run on cuda:3 of 4
     assert torch.equal(state, torch.tensor([3]))
-    training.restore_cuda_rng(state, torch.device('cuda', 0))       # resumed where one GPU is visible
+    checkpoint.restore_cuda_rng(state, torch.device('cuda', 0))       # resumed where one GPU is visible
     assert set_to == [(3, 0)]
 
     old = [torch.tensor([10 + i]) for i in range(4)]                 # older checkpoints: one state per visible GPU
-    training.restore_cuda_rng(old, torch.device('cuda', 1))
-    training.restore_cuda_rng(old, torch.device('cuda'))             # no index: the current device's
-    training.restore_cuda_rng(old[:1], torch.device('cuda', 2))      # not in the list: nothing, no IndexError
-    training.restore_cuda_rng([], torch.device('cuda', 0))           # a CPU run's checkpoint resumed on CUDA
+    checkpoint.restore_cuda_rng(old, torch.device('cuda', 1))
+    checkpoint.restore_cuda_rng(old, torch.device('cuda'))             # no index: the current device's
+    checkpoint.restore_cuda_rng(old[:1], torch.device('cuda', 2))      # not in the list: nothing, no IndexError
+    checkpoint.restore_cuda_rng([], torch.device('cuda', 0))           # a CPU run's checkpoint resumed on CUDA
     assert set_to == [(3, 0), (11, 1), (10, None)]                   # None: the current device
-    assert training.cuda_rng_state(torch.device('cpu')) is None
+    assert checkpoint.cuda_rng_state(torch.device('cpu')) is None
 
 
 # ---------------------------------------------------------------------------------------------

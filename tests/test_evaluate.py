@@ -12,7 +12,7 @@ from config import UserError
 from conftest import write_mnist
 from dataset import Split
 from evaluate import evaluate, load_model
-from record import load_checkpoint
+from checkpoint import read as load_checkpoint
 
 
 class Lookup(nn.Module):
@@ -49,8 +49,8 @@ def test_checkpoint_rebuilds_its_model_alone(config, run_script, tmp_path):
     main(config, {})
     best = os.path.join(config['runs_dir'], 'exercise_1_1', 'test', 'checkpoints', 'best.pt')
     model, ckpt = load_model(best)
-    assert type(model).__name__ == 'MLP' and ckpt['config']['hidden'] == [32]
-    for a, b in zip(model.state_dict().values(), ckpt['model'].values()):
+    assert type(model).__name__ == 'MLP' and ckpt.config['hidden'] == [32]
+    for a, b in zip(model.state_dict().values(), ckpt.model_state.values()):
         assert torch.equal(a, b)
     result = run_script('evaluate.py', best)
     results = json.load(open(os.path.join(os.path.dirname(os.path.dirname(best)), 'results.json')))

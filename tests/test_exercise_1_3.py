@@ -186,7 +186,7 @@ def test_default_run_on_cifar_writes_best_checkpoint(tmp_path):
     assert results['dataset'] == 'cifar10' and 0 <= results['test_acc'] <= 1
     model, ckpt = load_model(str(run_dir / 'checkpoints' / 'best.pt'))  # where exercise 2.3 looks
     assert isinstance(model, CNN) and model.args['variant'] == 'residual' and model.args['in_channels'] == 3
-    assert ckpt['config']['widths'] == config['widths'] and ckpt['config']['augment'] is True
+    assert ckpt.config['widths'] == config['widths'] and ckpt.config['augment'] is True
 
 
 def test_fashion_mnist_one_channel_run(tmp_path):

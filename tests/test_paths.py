@@ -13,7 +13,8 @@ from config import UserError, cli, help_text, parse_args
 from dataset import DATASETS, load_cifar10, load_data, load_idx_dataset
 from evaluate import report
 from models import MLP
-from record import Run, load_checkpoint
+from checkpoint import read as load_checkpoint
+from record import Run
 from synthetic import write_mnist
 from training import train
 

@@ -17,9 +17,10 @@ import exercise_1_3
 import exercise_2_2
 import exercise_2_3
 import study
+import training
 from config import COMMON, ROLE
 from dataset import DATASETS, IDX_FILES, DatasetInfo, dataset_names, load_data
-from record import data_fingerprint
+from provenance import data_fingerprint
 from synthetic import write_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,7 @@ def test_key_roles_derive_exactly_the_old_lists():
 
 def test_a_study_cell_keeps_its_digest():
     cell = {**exercise_1_2.config, 'model': 'plain', 'depth': 2}
-    old = study.digest({k: v for k, v in cell.items() if k not in OLD_NOT_IDENTITY})
+    old = training.digest({k: v for k, v in cell.items() if k not in OLD_NOT_IDENTITY})
     assert study.cell_id(cell) == old
 
 

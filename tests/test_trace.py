@@ -165,9 +165,9 @@ def test_wandb_history_has_every_metric_the_console_printed(runs):
                 assert {'epoch_seconds', 'samples_per_second'} <= set(row), run_dir  # the line's timings
                 logged.add((str(epoch), f"{row['train/loss']:.4f}", f"{100 * row['train/acc']:.2f}",
                             f"{row['val/loss']:.4f}", f"{100 * row['val/acc']:.2f}", f"{row['lr']:.2e}"))
-            [test] = [row for row in history.values() if 'test/acc' in row]
-            assert (test['test/acc'], test['test/loss']) == (results['test_acc'], results['test_loss']), run_dir
-            tests.add((f"{100 * test['test/acc']:.2f}", f"{test['test/loss']:.4f}"))
+            summary = wandb_run(run_dir)['summary']  # one-off results: W&B's summary, not its history
+            assert (summary['test_acc'], summary['test_loss']) == (results['test_acc'], results['test_loss']), run_dir
+            tests.add((f"{100 * summary['test_acc']:.2f}", f"{summary['test_loss']:.4f}"))
         printed = EPOCH.findall(out[script])
         cells = script == 'exercise_1_2'  # study cells print one line each, no epoch lines (issue 15 item 6)
         assert (printed or cells) and set(printed) <= logged, (script, set(printed) - logged)
@@ -306,9 +306,9 @@ def test_tensorboard_hparams_and_config_text_for_every_run(runs):
         for key in ('test_acc', 'test_loss', 'best_val_acc', 'epochs_run', 'train_seconds', 'num_params'):
             if key in results:
                 assert acc.Scalars(f'results/{key}')[-1].value == pytest.approx(results[key], rel=1e-6), (run_dir, key)
-        if 'tracks' in results:
-            assert acc.Scalars('results/tracks/background/map_50')[-1].value == pytest.approx(
-                results['tracks']['background']['map_50'])
+        # HParams metrics are a short headline (each a one-dot chart on TensorBoard's first screen);
+        # every other result is in W&B's summary and the text tables (test_wandb_summary_and_config...)
+        assert len([t for t in acc.Tags()['scalars'] if t.startswith('results/')]) <= 8, run_dir
         [text] = acc.Tensors('config/text_summary')
         markdown = text.tensor_proto.string_val[0].decode()
         for k, v in config.items():
@@ -355,11 +355,11 @@ def test_provenance_in_every_results_json(runs):
 
 
 def test_provenance_never_fails_without_git(tmp_path, monkeypatch):
-    import record
-    monkeypatch.setattr(record, 'REPO', str(tmp_path))  # not a checkout
-    assert record.provenance()['git_commit'] == 'not a git checkout'
+    import provenance
+    monkeypatch.setattr(provenance, 'REPO', str(tmp_path))  # not a checkout
+    assert provenance.provenance()['git_commit'] == 'not a git checkout'
     monkeypatch.setenv('PATH', str(tmp_path))  # no git at all
-    prov = record.provenance('cpu', 1, object(), 'then')
+    prov = provenance.provenance('cpu', 1, object(), 'then')
     assert prov['git_commit'] == 'git is not installed' and prov['git_dirty'] is None
     assert prov['data']['provenance_error'] and prov['started'] == 'then'  # a strange data object: said, not raised
 

@@ -12,7 +12,8 @@ from config import UserError
 from dataset import load_data
 from exercise_1_1 import main
 from models import MLP
-from record import Run, load_checkpoint
+from checkpoint import read as load_checkpoint
+from record import Run
 from training import train
 
 
@@ -71,7 +72,8 @@ def test_tensorboard_events_hold_the_logged_scalars(config):
     for key in ('train/loss', 'train/acc', 'val/loss', 'val/acc', 'lr', 'epoch_seconds', 'samples_per_second'):
         assert key in scalars
         assert [e.step for e in events.Scalars(key)] == [1, 2, 3]
-    assert events.Scalars('test/acc')[0].value == pytest.approx(results['test_acc'])
+    assert events.Scalars('results/test_acc')[0].value == pytest.approx(results['test_acc'])  # HParams headline
+    assert not [k for k in scalars if k.startswith('test/')]  # one-off results are not scalar history
 
 
 def test_results_json_and_run_directory(config):

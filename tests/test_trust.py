@@ -23,7 +23,9 @@ import training
 from config import UserError, cli
 from dataset import load_data
 from models import CNN, MLP, SkipMLP
-from record import Run, atomic_write, load_checkpoint, save_figure
+from checkpoint import read as load_checkpoint, save as save_checkpoint
+from files import atomic_write, save_figure
+from record import Run
 from study import cell_id
 from synthetic import write_cifar10, write_mnist
 
@@ -332,12 +334,14 @@ def test_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
     with pytest.raises(OSError):
         atomic_write(str(path), half, binary=False)
     assert path.read_text() == 'old\n' and os.listdir(tmp_path) == ['study.csv']
-    assert os.stat(path).st_mode & 0o777 == 0o666 & ~record.UMASK  # what a plain open() would give
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # what a plain open() would give
 
 
 def test_failed_checkpoint_and_figure_writes_leave_old_files_and_no_temp_files(tmp_path, monkeypatch):
     ckpt, png = tmp_path / 'last.pt', tmp_path / 'curves.png'
-    record.save_checkpoint(str(ckpt), {'n': 1})
+    save_checkpoint(str(ckpt), {'n': 1})
     import matplotlib.pyplot as plt
     save_figure(plt.figure(), str(png))
     before = png.read_bytes()
@@ -346,7 +350,7 @@ def test_failed_checkpoint_and_figure_writes_leave_old_files_and_no_temp_files(t
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(OSError):
-        record.save_checkpoint(str(ckpt), {'n': 2})
+        save_checkpoint(str(ckpt), {'n': 2})
     fig = plt.figure()
     monkeypatch.setattr(fig, 'savefig', crash)
     with pytest.raises(OSError):
