@@ -302,7 +302,7 @@ CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog
 DATASETS: dict[str, DatasetInfo] = {
     'mnist': DatasetInfo(
         functools.partial(load_idx_dataset, 'mnist'), MNIST_CLASSES, channels=1, size=28, flip_invariant=False,
-        background='black', defaults={'exercise_1_3': CNN_28PX},
+        background='black', defaults={'exercise_1_3': CNN_28PX, 'exercise_1_1': {'augment': True}},
         md5={'train-images-idx3-ubyte': '6bbc9ace898e44ae57da46a324031adb',  # MNIST's own four files
              'train-labels-idx1-ubyte': 'a25bea736e30d166cdddb491f175f624',
              't10k-images-idx3-ubyte': '2646ac647ad5339dbf082846283269ea',

@@ -10,7 +10,7 @@ Measured results, and the data and hardware behind them, are in docs/exercise_1_
     python exercise_1_1.py --help                            # every key, default and reason
 """
 from config import COMMON, cli
-from dataset import Data, dataset_names
+from dataset import Data, dataset_names, with_defaults
 from models import MLP
 from training import train_run
 
@@ -26,6 +26,7 @@ config = {
     'label_smoothing': 0.1,         # keeps logits from growing without bound in a long run
     'hidden': [1024, 1024],         # hidden layer widths; depth = len(hidden)
     'dropout': 0.2,                 # after every hidden ReLU
+    'augment': False,               # random shifts of up to H // 8 px per batch, on the device; on for mnist (DATASETS)
 }
 
 
@@ -35,6 +36,7 @@ def build_model(config: dict, data: Data) -> MLP:
 
 
 def main(config: dict, overrides: dict) -> dict:
+    config = with_defaults('exercise_1_1', config, overrides)  # mnist: augment=True (docs/exercise_1_1.md)
     name = 'mlp-' + 'x'.join(map(str, config['hidden']))
     return train_run('exercise_1_1', config, build_model, overrides, name=name)
 
