@@ -1,5 +1,5 @@
 """Exercise 2.2's data: real images placed on black canvases with their tight ink boxes, and the
-crops track B's background class is fine-tuned on.
+crops track B's background class is fine-tuned on; the canvas and crop keys' limits (LIMITS).
 
 Coordinates: boxes are xyxy floats in canvas pixels with exclusive ends, so the box of pixel
 columns 3..9 is x1=3, x2=10 (its width is x2 - x1). Ground truth and predictions use one rule.
@@ -15,6 +15,31 @@ from torch import Tensor
 
 from config import UserError
 from dataset import Data, Split
+
+WINDOW = 28  # px: the classifier's input (1-channel 28x28 data), so the crop and detection window
+KEYS = ('canvas_size', 'objects', 'object_size', 'min_gap', 'ink_threshold')  # 2.2's keys that shape a canvas
+
+
+def _pair(v) -> bool:
+    return len(v) == 2 and all(type(i) is int for i in v) and 1 <= v[0] <= v[1]
+
+
+# (key, test, what the value must be): 2.2's canvas and crop keys, for config.check before any work
+LIMITS = [
+    ('canvas_size', lambda v: v >= WINDOW, f'>= {WINDOW}, the classifier\'s window'),
+    ('objects', _pair, '[min, max] whole numbers with 1 <= min <= max'),
+    ('object_size', _pair, '[min, max] whole numbers with 1 <= min <= max'),
+    ('min_gap', lambda v: v >= 0, '>= 0'),
+    ('ink_threshold', lambda v: 0 <= v < 255, 'in [0, 254] (uint8 levels above it are ink)'),
+    ('max_shift', lambda v: 0 <= v < 3 * WINDOW // 4,
+     f'in [0, {3 * WINDOW // 4 - 1}]: off-centre (background) crops are shifted by more, up to 3/4 of the '
+     f'{WINDOW} px window'),
+]
+
+
+def canvas_keys(config: dict) -> dict:
+    """make_canvases' keyword arguments (KEYS) from 2.2's config."""
+    return {k: config[k] for k in KEYS}
 
 
 @dataclass
@@ -185,19 +210,19 @@ def background_crops(canvases: Canvases, window: int, max_shift: int, random_per
     return torch.from_numpy(np.stack(xs))[:, None], torch.tensor(ys, dtype=torch.int64)
 
 
-
-
-def crop_data(data: Data, canvas_keys: dict, n_canvases: int, max_shift: int, random_crops: int,
-              canvas_seed: int, device: torch.device | str = 'cpu') -> tuple[Data, dict]:
+def crop_data(data: Data, config: dict, device: torch.device | str = 'cpu') -> tuple[Data, dict]:
     """Track B's 11-class crops (uint8, class 10 = background) on `device`, cut from canvases of each
-    split: train from the train split, val and test (reported, never selected on) from theirs, each
-    with its own seed stream. Returns the crops and per split {'canvases', 'crops', 'background'}."""
+    split: train from the train split (finetune_canvases of them), val and test (reported, never
+    selected on; a tenth as many) from theirs, each with its own seed stream of canvas_seed.
+    Returns the crops and per split {'canvases', 'crops', 'background'}."""
     splits, counts = {}, {}
+    n_canvases = config['finetune_canvases']
     sizes = (n_canvases, max(n_canvases // 10, 1), max(n_canvases // 10, 1))
     for stream, (name, n) in enumerate(zip(('train', 'val', 'test'), sizes)):
-        split, seed = getattr(data, name), [canvas_seed, 10 + stream]
-        canvases = make_canvases(split.x, split.y, n, seed, **canvas_keys)
-        x, y = background_crops(canvases, data.shape[-1], max_shift, random_crops, seed, background=data.num_classes)
+        split, seed = getattr(data, name), [config['canvas_seed'], 10 + stream]
+        canvases = make_canvases(split.x, split.y, n, seed, **canvas_keys(config))
+        x, y = background_crops(canvases, data.shape[-1], config['max_shift'], config['random_crops'], seed,
+                                background=data.num_classes)
         splits[name] = Split(x=x.to(device), y=y.to(device), mean=split.mean.to(device), std=split.std.to(device))
         counts[name] = {'canvases': n, 'crops': len(y), 'background': int((y == data.num_classes).sum())}
     return Data(name=f'{data.name}-crops', classes=data.classes + ['background'], **splits), counts

@@ -2,10 +2,11 @@
 
   fully_convolutionalize(model, input_shape)  the classifier as a conv net with the same weights
   decode(...)                                 score maps -> peaks -> ink-refined boxes -> per-class NMS
+  Decoding, LIMITS                            the decoding keys (Decoding.from_config) and their limits
   score(...)                                  threshold -> decode -> NMS -> match -> metrics (COCO, P/R/F1, count)
-  plot_detections / plot_score_maps / plot_pr figures
 
-The canvases it is scored on are canvases.py's. Boxes are xyxy floats with exclusive ends, as there.
+The canvases it is scored on are canvases.py's; its figures are detect_display.py's. Boxes are xyxy
+floats with exclusive ends, as in canvases.py.
 Why the surgery is exact (MLP) or nearly so (CNN): docs/exercise_2_2.md.
 """
 from __future__ import annotations
@@ -22,7 +23,6 @@ from torch import Tensor, nn
 import models
 from canvases import Canvases, ink_box
 from config import UserError
-from evaluate import pyplot
 
 # ---------------------------------------------------------------------------------------------
 # Network surgery
@@ -259,6 +259,22 @@ class Decoding:
     refine: bool = True     # box = the ink in the window (else the raw window)
     drop_empty: bool = True  # a window without ink is no detection
 
+    @classmethod
+    def from_config(cls, config: dict, num_objects: int, refine: bool = True, drop_empty: bool = True) -> Decoding:
+        """2.2's decoding keys (min_score, nms_iou, agnostic_iou, ink_threshold, refine_margin) as a Decoding."""
+        return cls(num_objects, config['min_score'], config['nms_iou'], config['agnostic_iou'],
+                   config['ink_threshold'], config['refine_margin'], refine, drop_empty)
+
+
+# (key, test, what the value must be): the decoding keys, for config.check before any work
+LIMITS = [
+    ('score_threshold', lambda v: v <= 1, '<= 1 (< 0: chosen on the val canvases)'),
+    ('min_score', lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    ('nms_iou', lambda v: 0 < v <= 1, 'in (0, 1]'),
+    ('agnostic_iou', lambda v: 0 < v <= 1, 'in (0, 1] (1 = off)'),
+    ('refine_margin', lambda v: v >= 0, '>= 0'),
+]
+
 
 def detect(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, std: Tensor, decoding: Decoding,
            threshold: float, batch_size: int = 64) -> tuple[list[dict[str, Tensor]], Tensor]:
@@ -447,94 +463,3 @@ def surgery_check(model: nn.Module, fcn: FullyConvolutional, x: Tensor, canvas_s
     return {'max_abs_diff_on_crops': alone, 'on_canvas_max_abs_diff': (placed - crop_logits).abs().max().item(),
             'on_canvas_top1_agreement': (placed.argmax(1) == crop_logits.argmax(1)).float().mean().item(),
             'images': len(x)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures
-
-
-def _draw_boxes(ax, boxes: Tensor, labels: Tensor, classes: list[str], color: str, scores: Tensor | None = None,
-                style: str = '-') -> None:
-    from matplotlib.patches import Rectangle
-    for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color,
-                               linewidth=1.1, linestyle=style))
-        text = classes[int(labels[k])] + ('' if scores is None else f' {float(scores[k]):.2f}')
-        ax.text(x0 - 0.5, (y0 - 1.5) if scores is not None else (y1 + 2.5), text, color=color, fontsize=5.5,
-                va='bottom' if scores is not None else 'top',
-                bbox=dict(facecolor='black', alpha=0.55, pad=0.5, linewidth=0))
-
-
-def plot_detections(canvases: Canvases, tracks: dict[str, list[dict[str, Tensor]]], classes: list[str],
-                    title: str, indices: list[int]):
-    """One row per track, one column per canvas: ground truth (green dashed, label below) and the
-    detections above the track's threshold (coloured, label and score above)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(len(tracks), len(indices), figsize=(2.6 * len(indices), 2.8 * len(tracks)),
-                             squeeze=False)
-    for row, (name, preds) in enumerate(tracks.items()):
-        for col, k in enumerate(indices):
-            ax = axes[row, col]
-            ax.imshow(canvases.images[k, 0].numpy(), cmap='gray', vmin=0, vmax=255)
-            _draw_boxes(ax, canvases.boxes[k], canvases.labels[k], classes, 'lime', style='--')
-            _draw_boxes(ax, preds[k]['boxes'], preds[k]['labels'], classes, 'orangered', preds[k]['scores'])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col == 0:
-                ax.set_ylabel(name, fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_score_maps(canvas: Tensor, maps: dict[str, Tensor], classes: list[str], geometry: dict[str, Geometry],
-                    title: str):
-    """The canvas and each class's score map (softmax probability at each output position, drawn over
-    the canvas, each cell centred on the crop it stands for), one row per track."""
-    plt = pyplot()
-    n = max(m.shape[0] for m in maps.values())
-    names = classes + ['background']
-    fig, axes = plt.subplots(len(maps), n + 1, figsize=(1.45 * (n + 1), 1.7 * len(maps)), squeeze=False)
-    size = canvas.shape[-1]
-    for row, (track, m) in enumerate(maps.items()):
-        g = geometry[track]
-        axes[row, 0].imshow(canvas[0].numpy(), cmap='gray', vmin=0, vmax=255)
-        axes[row, 0].set_ylabel(track, fontsize=8)
-        h, w = m.shape[-2:]
-        half = g.window / 2 - g.stride / 2  # each cell drawn centred on its crop's centre
-        extent = (half - 0.5, half + g.stride * w - 0.5, half + g.stride * h - 0.5, half - 0.5)
-        for c in range(n):
-            ax = axes[row, c + 1]
-            if c < m.shape[0]:
-                ax.imshow(canvas[0].numpy(), cmap='gray', vmin=0, vmax=255)
-                ax.imshow(m[c].numpy(), cmap='magma', vmin=0, vmax=1, extent=extent, alpha=0.8)
-                ax.set_xlim(-0.5, size - 0.5)
-                ax.set_ylim(size - 0.5, -0.5)
-                ax.set_title(names[c], fontsize=7)
-            else:
-                ax.axis('off')
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_pr(curves: dict[str, dict], title: str):
-    """Precision-recall at IoU >= 0.5 of each track, its chosen (validation) threshold marked."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, c in curves.items():
-        line, = ax.plot(c['recall'], c['precision'], label=name)
-        ax.plot([c['at']['recall']], [c['at']['precision']], 'o', color=line.get_color(),
-                label=f"threshold {c['threshold']:.2f}: P {c['at']['precision']:.3f} R {c['at']['recall']:.3f}")
-    ax.set_xlabel('recall (IoU >= 0.5)')
-    ax.set_ylabel('precision')
-    ax.set_xlim(0, 1.01)
-    ax.set_ylim(0, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc='lower left')
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig

@@ -22,6 +22,7 @@ import canvases
 import detect
 from config import AFTER, CHOOSES, COMMON, DATA, RECIPE, RESULT, UserError, check, cli, keys_with
 from dataset import Data, dataset_names, load_data
+from detect_display import figures, log_tables, print_results
 from device import device_info
 from evaluate import check_model_on_data, load_model
 from files import write_json
@@ -100,31 +101,13 @@ TARGETS = {'mnist, track B': {'map_50': 0.95, 'map': 0.75, 'f1': 0.95, 'count_ac
                               'finetune_minutes_2_cores': 5},
            'mnist, track A': {'map_50': 0.60}}
 
-
-WINDOW = 28  # px: the classifier's input (1-channel 28x28 data), so the crop and detection window
-
-
-def _pair(v) -> bool:
-    return len(v) == 2 and all(type(i) is int for i in v) and 1 <= v[0] <= v[1]
-
-
-# (key, test, what the value must be): 2.2's own keys, for config.check before any work
+# (key, test, what the value must be): 2.2's own keys, for config.check before any work; the canvas keys'
+# rows are canvases.LIMITS, the decoding keys' detect.LIMITS
 LIMITS = [
     *[(key, lambda v: v >= 1, '>= 1') for key in ('finetune_canvases', 'finetune_epochs', 'test_canvases',
                                                     'val_canvases', 'timing_threads')],
-    *[(key, lambda v: v >= 0, '>= 0') for key in ('random_crops', 'min_gap', 'refine_margin', 'figure_canvases')],
+    *[(key, lambda v: v >= 0, '>= 0') for key in ('random_crops', 'figure_canvases')],
     ('finetune_lr', lambda v: v > 0, '> 0'),
-    ('max_shift', lambda v: 0 <= v < 3 * WINDOW // 4,
-     f'in [0, {3 * WINDOW // 4 - 1}]: off-centre (background) crops are shifted by more, up to 3/4 of the '
-     f'{WINDOW} px window'),
-    ('canvas_size', lambda v: v >= WINDOW, f'>= {WINDOW}, the classifier\'s window'),
-    ('objects', _pair, '[min, max] whole numbers with 1 <= min <= max'),
-    ('object_size', _pair, '[min, max] whole numbers with 1 <= min <= max'),
-    ('ink_threshold', lambda v: 0 <= v < 255, 'in [0, 254] (uint8 levels above it are ink)'),
-    ('score_threshold', lambda v: v <= 1, '<= 1 (< 0: chosen on the val canvases)'),
-    ('min_score', lambda v: 0 <= v <= 1, 'in [0, 1]'),
-    ('nms_iou', lambda v: 0 < v <= 1, 'in (0, 1]'),
-    ('agnostic_iou', lambda v: 0 < v <= 1, 'in (0, 1] (1 = off)'),
 ]
 
 
@@ -174,7 +157,7 @@ def build_classifier(config: dict, data: Data) -> nn.Module:
 def classifier_data(classifier: nn.Module, ckpt: dict, path: str, config: dict, overrides: dict) -> Data:
     """The classifier's own dataset (its checkpoint's config), checked to suit the canvases."""
     try:  # a model that cannot be converted stops here
-        detect.fully_convolutionalize(classifier, (1, WINDOW, WINDOW))
+        detect.fully_convolutionalize(classifier, (1, canvases.WINDOW, canvases.WINDOW))
     except UserError as e:
         raise UserError(f"{path}: {e}; expected {CLASSIFIER_CHECKPOINT}") from None
     data_config = {**ckpt.config, 'subset': config['subset'], 'augment': False}
@@ -183,7 +166,7 @@ def classifier_data(classifier: nn.Module, ckpt: dict, path: str, config: dict, 
     if data_config['dataset'] != config['dataset']:
         print(f"--dataset {config['dataset']} ignored: {path} was trained on {data_config['dataset']}")
     data = load_data(data_config, 'cpu')
-    if data.shape != (1, WINDOW, WINDOW):
+    if data.shape != (1, canvases.WINDOW, canvases.WINDOW):
         raise UserError(f"{path} was trained on {data.name} ({'x'.join(map(str, data.shape))} images), but "
                         f"canvases need 1-channel 28x28 images: use an mnist or fashion_mnist classifier")
     check_model_on_data(classifier, data, path, CLASSIFIER_CHECKPOINT)
@@ -197,9 +180,7 @@ def background_stage(config: dict, stage: dict, data: Data, classifier_path: str
 
     def make_crops(_: dict, device: torch.device) -> Data:
         t0 = time.perf_counter()
-        crops, crops_made['crops'] = canvases.crop_data(data, canvas_keys(config), config['finetune_canvases'],
-                                                        config['max_shift'], config['random_crops'],
-                                                        config['canvas_seed'], device)
+        crops, crops_made['crops'] = canvases.crop_data(data, config, device)
         crops_made['crop_seconds'] = time.perf_counter() - t0
         print(f"background crops in {crops_made['crop_seconds']:.1f} s: {canvases.crop_summary(crops_made['crops'])}")
         return crops
@@ -217,24 +198,16 @@ def background_stage(config: dict, stage: dict, data: Data, classifier_path: str
 # ---------------------------------------------------------------------------------------------
 # Tracks and the box ablation: detect.score on the val and test canvases
 
-def canvas_keys(config: dict) -> dict:
-    return {k: config[k] for k in ('canvas_size', 'objects', 'object_size', 'min_gap', 'ink_threshold')}
-
-
-def decoding(config: dict, data: Data, refine: bool = True, drop_empty: bool = True) -> detect.Decoding:
-    return detect.Decoding(len(data.classes), config['min_score'], config['nms_iou'], config['agnostic_iou'],
-                           config['ink_threshold'], config['refine_margin'], refine, drop_empty)
-
-
 def run_track(model: nn.Module, data: Data, val: canvases.Canvases, test: canvases.Canvases, config: dict) -> dict:
-    """Surgery, then detect.score (threshold fixed or chosen on val), ms per canvas and the surgery check."""
+    """Surgery, then detect.score (threshold fixed or chosen on val), ms per canvas, the surgery check
+    and (--box_ablation) the box ablation."""
     fcn = detect.fully_convolutionalize(model, data.shape)
     mean, std = data.train.mean.cpu(), data.train.std.cpu()
     fixed = config['score_threshold'] >= 0
     t0 = time.perf_counter()
-    score = detect.score(fcn, val, test, mean, std, decoding(config, data),
-                         config['score_threshold'] if fixed else None)
-    ms = detect.time_per_canvas(fcn, test, mean, std, decoding(config, data), score.threshold, config['timing_threads'])
+    decoding = detect.Decoding.from_config(config, len(data.classes))
+    score = detect.score(fcn, val, test, mean, std, decoding, config['score_threshold'] if fixed else None)
+    ms = detect.time_per_canvas(fcn, test, mean, std, decoding, score.threshold, config['timing_threads'])
     metrics = {**score.metrics, 'ms_per_canvas': ms, 'threshold': score.threshold,
                'threshold_from': ('fixed (--score_threshold)' if fixed else
                                   f"best F1 at IoU >= 0.5 on {len(val)} val-split canvases"),
@@ -243,19 +216,20 @@ def run_track(model: nn.Module, data: Data, val: canvases.Canvases, test: canvas
                'surgery': detect.surgery_check(model, fcn, data.test.normalize(data.test.x[:256]).cpu(),
                                                config['canvas_size']),
                'pr_curve': {k: v.tolist() for k, v in score.curve.items()}}
+    ablation = box_ablation(fcn, data, val, test, config, metrics) if config['box_ablation'] else None
     return {'metrics': metrics, 'preds': detect.above(score.output, score.threshold), 'maps': score.first_maps,
-            'geometry': fcn.geometry}
+            'geometry': fcn.geometry, 'ablation': ablation}
 
 
-def box_ablation(model: nn.Module, data: Data, val: canvases.Canvases, test: canvases.Canvases, config: dict,
-                 reported: dict) -> dict:
+def box_ablation(fcn: detect.FullyConvolutional, data: Data, val: canvases.Canvases, test: canvases.Canvases,
+                 config: dict, reported: dict) -> dict:
     """The track scored with the decoder's ink heuristics switched off, each variant at its own
     best-F1 threshold on the val canvases. The first variant is the track as reported (not recomputed)."""
-    fcn = detect.fully_convolutionalize(model, data.shape)
     mean, std = data.train.mean.cpu(), data.train.std.cpu()
     out = {'ink_refined_no_ink_dropped': {k: reported[k] for k in ABLATION_METRICS}}
     for name, (refine, drop_empty, truth) in list(ABLATION.items())[1:]:
-        score = detect.score(fcn, val, test, mean, std, decoding(config, data, refine, drop_empty), truth=truth)
+        decoding = detect.Decoding.from_config(config, len(data.classes), refine, drop_empty)
+        score = detect.score(fcn, val, test, mean, std, decoding, truth=truth)
         out[name] = {k: score.threshold if k == 'threshold' else score.metrics[k] for k in ABLATION_METRICS}
     return out
 
@@ -268,7 +242,7 @@ def main(config: dict, overrides: dict) -> dict:
     if config['resume']:
         raise UserError("exercise 2.2 takes no --resume: run the same command again (finished stages are reused, "
                         "an interrupted one resumes by itself)")
-    check(config, limits=LIMITS)
+    check(config, limits=[*LIMITS, *canvases.LIMITS, *detect.LIMITS])
     canvases.check_fits(config['canvas_size'], config['objects'], config['object_size'], config['min_gap'])
     t_start, load_start = time.perf_counter(), os.getloadavg()
     stage = {**config, 'checkpoint': '', 'wandb_verbose': config.get('wandb_verbose', False)}
@@ -293,16 +267,14 @@ def main(config: dict, overrides: dict) -> dict:
     # 2. track B's classifier; 3. canvases: val (threshold) from the val split, test (metrics) from the test split
     background, background_record = background_stage(config, stage, data, path)
     val = canvases.make_canvases(data.val.x, data.val.y, config['val_canvases'], [config['canvas_seed'], 1],
-                                 **canvas_keys(config))
+                                 **canvases.canvas_keys(config))
     test = canvases.make_canvases(data.test.x, data.test.y, config['test_canvases'], [config['canvas_seed'], 0],
-                                  **canvas_keys(config))
+                                  **canvases.canvas_keys(config))
 
     # 4. the two tracks and the box ablation
     config = run.config
     models = {'zero_shot': classifier, 'background': background}
     tracks = {name: run_track(model, data, val, test, config) for name, model in models.items()}
-    ablation = ({n: box_ablation(models[n], data, val, test, config, t['metrics']) for n, t in tracks.items()}
-                if config['box_ablation'] else None)
 
     # 5. records: results.json, figures, tables; run.finish adds W&B's summary and TensorBoard's HParams
     results = {
@@ -310,73 +282,33 @@ def main(config: dict, overrides: dict) -> dict:
         'classifier': {'checkpoint': path, 'model_class': ckpt.model_class, 'model_args': ckpt.model_args,
                        'test_acc': stage_results(path).get('test_acc')},
         'background_classifier': background_record,
-        'canvases': {**canvas_keys(config),
+        'canvases': {**canvases.canvas_keys(config),
                      'test': {'split': 'test', 'n': len(test), 'seed': [config['canvas_seed'], 0],
                               'objects': sum(len(b) for b in test.boxes)},
                      'val': {'split': 'val', 'n': len(val), 'seed': [config['canvas_seed'], 1]}},
         'tracks': {name: t['metrics'] for name, t in tracks.items()},
-        'box_ablation': ablation,
+        'box_ablation': {n: t['ablation'] for n, t in tracks.items()} if config['box_ablation'] else None,
         'box_ablation_means': {k: {'refine': r, 'drop_empty': d, 'truth': t} for k, (r, d, t) in ABLATION.items()},
         'targets_unmeasured': TARGETS,
         'hardware': {**device_info(torch.device('cpu')), 'torch_version': torch.__version__,
                      'load_average_start': load_start, 'load_average_end': os.getloadavg()},
         'seconds': time.perf_counter() - t_start,
     }
-    write_records(run, results, tracks, figures(tracks, data, test, config), data, config)
+    write_records(run, results, figures(tracks, TRACKS, data, test, config), data, config)
     return results
 
 
-def figures(tracks: dict, data: Data, test: canvases.Canvases, config: dict) -> dict:
-    by_label = lambda key: {TRACKS[n]: t[key] for n, t in tracks.items()}  # noqa: E731
-    title = f"{data.name}: {len(test)} test-split canvases of {config['canvas_size']} px"
-    shown = list(range(min(config['figure_canvases'], len(test))))
-    curves = {TRACKS[n]: {**t['metrics']['pr_curve'], 'threshold': t['metrics']['threshold'], 'at': t['metrics']}
-              for n, t in tracks.items()}
-    return {
-        'detections': detect.plot_detections(test, by_label('preds'), data.classes, f"{title}; green dashed = ground "
-                                             f"truth, orange = detections above the val-chosen threshold", shown),
-        'score_maps': detect.plot_score_maps(test.images[0], by_label('maps'), data.classes, by_label('geometry'),
-                                             f"softmax score maps of test canvas 0 (one cell per output position, "
-                                             f"stride {tracks['background']['geometry'].stride} px)"),
-        'pr_curve': detect.plot_pr(curves, title),
-    }
-
-
-def write_records(run: Run, results: dict, tracks: dict, figs: dict, data: Data, config: dict) -> None:
+def write_records(run: Run, results: dict, figs: dict, data: Data, config: dict) -> None:
     """One-off results go to results.json, the tables (TensorBoard text, W&B tables) and run.finish
     (W&B summary, HParams), not to the scalar history: that holds curves only."""
-    numbers = lambda m: {k: v for k, v in m.items() if isinstance(v, (int, float))}  # noqa: E731
-    run.log_table('tracks', [{'track': name, **numbers(t['metrics'])} for name, t in tracks.items()])
-    ablation = results['box_ablation']
-    if ablation:
-        run.log_table('box_ablation', [{'track': track, 'variant': variant, **m}
-                                       for track, variants in ablation.items() for variant, m in variants.items()])
+    log_tables(run, results)
     results['figures'] = run.log_figures(figs, os.path.join(HERE, config['assets_dir']) if config['assets'] else None,
                                          'ex22_')
     results['provenance'] = run.provenance(data)
     write_json(run.path('results.json'), results)
-    print_results(results)
+    print_results(results, TRACKS)
     print(f"-> {run.path('results.json')}")
     run.finish(results)
-
-
-def print_results(results: dict) -> None:
-    """The track table, then the box ablation (if any)."""
-    cols = [('map_50', 'mAP@0.5'), ('map', 'mAP@[.5:.95]'), ('mar_100', 'mAR@100'), ('precision', 'P'),
-            ('recall', 'R'), ('f1', 'F1'), ('count_acc', 'count acc'), ('ms_per_canvas', 'ms/canvas'),
-            ('threshold', 'threshold')]
-    print(f"\n{results['dataset']}, {results['canvases']['test']['n']} test canvases")
-    print(f"  {'track':<38}" + ''.join(f"{h:>13}" for _, h in cols))
-    for name, m in results['tracks'].items():
-        print(f"  {TRACKS[name]:<38}" + ''.join(f"{m[k]:>13.4f}" if k != 'ms_per_canvas' else f"{m[k]:>13.1f}"
-                                                for k, _ in cols))
-    if results['box_ablation']:
-        print("\nbox ablation (each variant thresholded on the val canvases)")
-        cols = ('map_50', 'map', 'f1', 'count_acc')
-        print(f"  {'track':<26}{'variant':<28}" + ''.join(f"{k:>11}" for k in cols))
-        for track, variants in results['box_ablation'].items():
-            for name, m in variants.items():
-                print(f"  {TRACKS[track][:24]:<26}{name:<28}" + ''.join(f"{m[k]:>11.4f}" for k in cols))
 
 
 if __name__ == '__main__':
