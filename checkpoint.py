@@ -75,7 +75,7 @@ class Checkpoint:
     batch = property(lambda self: self.raw.get('batch', 0))
     best_epoch = property(lambda self: self.raw.get('best_epoch', 0))
     best_val_acc = property(lambda self: self.raw.get('best_val_acc'))
-    history = property(lambda self: self.raw.get('history', []))
+    history = property(lambda self: upgrade_history(self.raw.get('history', [])))
     run_name = property(lambda self: self.raw['config'].get('run_name'))
 
     def resumed_config(self) -> dict:
@@ -169,7 +169,17 @@ def restore(ck: Checkpoint, model: nn.Module, optimizer, scheduler, rngs: Rngs, 
         rngs.augment.set_state(rng['augment'])
     if device.type == 'cuda':
         restore_cuda_rng(rng.get('cuda'), device)
-    return TrainState(**{f.name: raw[f.name] for f in fields(TrainState) if f.name in raw})
+    return TrainState(**{f.name: raw[f.name] for f in fields(TrainState) if f.name in raw if f.name != 'history'},
+                      history=ck.history)
+
+
+# History keys renamed so TensorBoard's first two tag groups are train/ and val/ (docs/usage.md, "Logs")
+RENAMED = {'lr': 'train/lr', 'epoch_seconds': 'train/epoch_seconds', 'samples_per_second': 'train/samples_per_second'}
+
+
+def upgrade_history(history: list[dict]) -> list[dict]:
+    """A checkpoint's history rows under today's keys (rows written before the rename keep their values)."""
+    return [{RENAMED.get(k, k): v for k, v in row.items()} for row in history]
 
 
 def cuda_rng_state(device: torch.device) -> torch.Tensor | None:

@@ -174,7 +174,7 @@ def report(run: Run, model: nn.Module, data: Data, history: list[dict]) -> dict:
     results = {
         'test_acc': test['acc'], 'test_loss': test['loss'],
         'best_val_acc': best.best_val_acc, 'best_epoch': best.best_epoch,
-        'epochs_run': len(history), 'train_seconds': sum(h['epoch_seconds'] for h in history),  # validation included
+        'epochs_run': len(history), 'train_seconds': sum(h['train/epoch_seconds'] for h in history),  # validation included
         'num_params': models.num_params(model), 'dataset': data.name, 'device': str(run.device),
         'torch_version': torch.__version__, 'world_size': run.world,
         'per_class_acc': [round(a, 6) for a in test['per_class_acc']], **run.notes,

@@ -19,7 +19,10 @@ from files import cannot_write, shown_path
 
 # What a run's HParams metrics show when the script names none: the numbers a reader compares.
 HEADLINE = ('test_acc', 'test_loss', 'best_val_acc', 'best_epoch', 'epochs_run', 'train_seconds', 'num_params')
-MAX_HEADLINE = 8  # each HParams metric is a one-dot chart on TensorBoard's first screen
+MAX_HEADLINE = 8  # each HParams metric is a one-dot chart in TensorBoard's Time Series
+# Time Series sorts tag groups by code point and opens the first two: train/ and val/ (the curves) must come first,
+# so figures and the HParams metrics sort after 'val' ('~' after every letter). Names in docs/usage.md, "Logs".
+FIGURES, RESULTS = 'visuals', '~results'
 
 
 def _first_line(e: Exception) -> str:
@@ -58,12 +61,12 @@ class Sinks:
         step = self.step if step is None else step  # the current step: a W&B log without one advances it
         self.step = max(self.step, step)
         with self._tensorboard():
-            self.tb.add_figure(name, fig, step, close=False)
+            self.tb.add_figure(f'{FIGURES}/{name}', fig, step, close=False)
         save_figure(fig, path)
 
         def send(w):
             import wandb
-            w.log({name: wandb.Image(path)}, step=self.step)
+            w.log({f'{FIGURES}/{name}': wandb.Image(path)}, step=self.step)
         self._wandb(f'figure {name}', send)
 
     # -- one-off results --------------------------------------------------------------------------
@@ -96,11 +99,11 @@ class Sinks:
 
     def _hparams(self, tb, flat: dict, headline: list[str] | None) -> None:
         """TensorBoard's HParams tab: the config as hparams (lists and dicts as JSON text), the
-        headline results as metrics (scalars tagged results/<key>, at the last step)."""
+        headline results as metrics (scalars tagged ~results/<key>, at the last step)."""
         from torch.utils.tensorboard.summary import hparams
         params = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in self.config.items()}
         keys = [k for k in (HEADLINE if headline is None else headline) if k in flat][:MAX_HEADLINE]
-        metrics = {f'results/{k}': flat[k] for k in keys
+        metrics = {f'{RESULTS}/{k}': flat[k] for k in keys
                    if isinstance(flat[k], (int, float)) and not isinstance(flat[k], bool)}
         # no experiment summary: TensorBoard then builds the table from every run's hparams and
         # scalars, so runs of different exercises (different keys) sit in one logdir side by side

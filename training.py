@@ -245,8 +245,8 @@ def run_epoch(loop: Loop, stop_request: StopRequest) -> None:
     broadcast_buffers(model)  # evaluate and checkpoint rank 0's BatchNorm statistics, as DDP's next step would
     val = evaluate(model, loop.data.val, amp=loop.net.amp, memory_format=loop.net.memory_format)
     row = {'epoch': state.epoch + 1, 'train/loss': loss_sum / n, 'train/acc': correct / n,
-           'val/loss': val['loss'], 'val/acc': val['acc'], 'lr': loop.optimizer.param_groups[0]['lr'],
-           'epoch_seconds': state.seconds + time.perf_counter() - t0, 'samples_per_second': n / seconds}
+           'val/loss': val['loss'], 'val/acc': val['acc'], 'train/lr': loop.optimizer.param_groups[0]['lr'],
+           'train/epoch_seconds': state.seconds + time.perf_counter() - t0, 'train/samples_per_second': n / seconds}
     state.epoch, state.batch, state.order, state.sums, state.seconds = state.epoch + 1, 0, None, torch.zeros(3), 0.0
     state.history = state.history + [row]
     if state.diverged is None:
@@ -351,8 +351,8 @@ def check_finite(loss_sum: float, epoch: int, run: Run) -> None:
 
 def epoch_line(row: dict, epochs: int) -> str:
     return (f"epoch {row['epoch']:3d}/{epochs} | train loss {row['train/loss']:.4f} acc {100 * row['train/acc']:6.2f} "
-            f"| val loss {row['val/loss']:.4f} acc {100 * row['val/acc']:6.2f} | lr {row['lr']:.2e} | "
-            f"{row['epoch_seconds']:5.1f}s {row['samples_per_second']:,.0f} samples/s")
+            f"| val loss {row['val/loss']:.4f} acc {100 * row['val/acc']:6.2f} | lr {row['train/lr']:.2e} | "
+            f"{row['train/epoch_seconds']:5.1f}s {row['train/samples_per_second']:,.0f} samples/s")
 
 
 # ---------------------------------------------------------------------------------------------

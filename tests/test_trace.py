@@ -162,9 +162,9 @@ def test_wandb_history_has_every_metric_the_console_printed(runs):
             epochs = {step: row for step, row in history.items() if 'train/loss' in row}
             assert sorted(epochs) == list(range(1, results['epochs_run'] + 1)), run_dir
             for epoch, row in epochs.items():
-                assert {'epoch_seconds', 'samples_per_second'} <= set(row), run_dir  # the line's timings
+                assert {'train/epoch_seconds', 'train/samples_per_second'} <= set(row), run_dir  # the line's timings
                 logged.add((str(epoch), f"{row['train/loss']:.4f}", f"{100 * row['train/acc']:.2f}",
-                            f"{row['val/loss']:.4f}", f"{100 * row['val/acc']:.2f}", f"{row['lr']:.2e}"))
+                            f"{row['val/loss']:.4f}", f"{100 * row['val/acc']:.2f}", f"{row['train/lr']:.2e}"))
             summary = wandb_run(run_dir)['summary']  # one-off results: W&B's summary, not its history
             assert (summary['test_acc'], summary['test_loss']) == (results['test_acc'], results['test_loss']), run_dir
             tests.add((f"{100 * summary['test_acc']:.2f}", f"{summary['test_loss']:.4f}"))
@@ -305,10 +305,10 @@ def test_tensorboard_hparams_and_config_text_for_every_run(runs):
                 assert hp[k] == v, (run_dir, k)
         for key in ('test_acc', 'test_loss', 'best_val_acc', 'epochs_run', 'train_seconds', 'num_params'):
             if key in results:
-                assert acc.Scalars(f'results/{key}')[-1].value == pytest.approx(results[key], rel=1e-6), (run_dir, key)
+                assert acc.Scalars(f'~results/{key}')[-1].value == pytest.approx(results[key], rel=1e-6), (run_dir, key)
         # HParams metrics are a short headline (each a one-dot chart on TensorBoard's first screen);
         # every other result is in W&B's summary and the text tables (test_wandb_summary_and_config...)
-        assert len([t for t in acc.Tags()['scalars'] if t.startswith('results/')]) <= 8, run_dir
+        assert len([t for t in acc.Tags()['scalars'] if t.startswith('~results/')]) <= 8, run_dir
         [text] = acc.Tensors('config/text_summary')
         markdown = text.tensor_proto.string_val[0].decode()
         for k, v in config.items():
@@ -323,7 +323,7 @@ def test_tables_reach_tensorboard_as_text(runs):
     events = tensorboard(detect)
     assert events.Tensors('tracks/text_summary') and events.Tensors('box_ablation/text_summary')
     # one-off results are HParams metrics and text, not one-dot scalar charts of their own (issue 21 part 8)
-    assert all(tag.startswith('results/') for tag in events.Tags()['scalars'])
+    assert all(tag.startswith('~results/') for tag in events.Tags()['scalars'])
 
 
 # ---------------------------------------------------------------------------------------------

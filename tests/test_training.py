@@ -69,11 +69,14 @@ def test_tensorboard_events_hold_the_logged_scalars(config):
     events = EventAccumulator(os.path.join(config['runs_dir'], 'exercise_1_1', 'test'))
     events.Reload()
     scalars = events.Tags()['scalars']
-    for key in ('train/loss', 'train/acc', 'val/loss', 'val/acc', 'lr', 'epoch_seconds', 'samples_per_second'):
+    for key in ('train/loss', 'train/acc', 'val/loss', 'val/acc', 'train/lr', 'train/epoch_seconds',
+                'train/samples_per_second'):
         assert key in scalars
         assert [e.step for e in events.Scalars(key)] == [1, 2, 3]
-    assert events.Scalars('results/test_acc')[0].value == pytest.approx(results['test_acc'])  # HParams headline
+    assert events.Scalars('~results/test_acc')[0].value == pytest.approx(results['test_acc'])  # HParams headline
     assert not [k for k in scalars if k.startswith('test/')]  # one-off results are not scalar history
+    groups = sorted({tag.split('/')[0] for kind in ('scalars', 'images') for tag in events.Tags()[kind]})
+    assert groups[:2] == ['train', 'val']  # TensorBoard's Time Series opens the first two groups: the curves
 
 
 def test_results_json_and_run_directory(config):

@@ -30,7 +30,7 @@ from study import cell_id
 from synthetic import write_cifar10, write_mnist
 
 CHOICES_1_1 = {'dataset': ('mnist', 'fashion_mnist', 'digits')}
-TIMINGS = ('epoch_seconds', 'samples_per_second')
+TIMINGS = ('train/epoch_seconds', 'train/samples_per_second')
 
 
 def argv_of(config: dict, **extra) -> list[str]:
@@ -190,7 +190,7 @@ def test_resume_throughput_counts_only_what_it_timed(config, monkeypatch):
         handle.remove()
     ref, cut = (load_checkpoint(os.path.join(config['runs_dir'], 'exercise_1_1', n, 'checkpoints', 'last.pt'))
                 for n in ('ref', 'cut'))
-    assert ref['history'][1]['epoch_seconds'] == 13.0  # 400 samples / 32 = 13 steps
+    assert ref['history'][1]['train/epoch_seconds'] == 13.0  # 400 samples / 32 = 13 steps
     for key in TIMINGS:
         assert cut['history'][1][key] == ref['history'][1][key]
 
