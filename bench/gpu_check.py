@@ -284,7 +284,26 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
+class Sections:
+    """The check's table rows, its problems and its JSON report, filled section by section."""
+
+    def __init__(self, gpu: str, tiny: bool):
+        self.rows: list = []
+        self.problems: list[str] = []
+        self.report: dict = {'device': gpu, 'torch': torch.__version__, 'dry_run': tiny}
+
+    def measure(self, what: str, fn, *a):
+        """One section; a failure is recorded and reported, and the other sections still run."""
+        try:
+            return fn(*a)
+        except Exception as e:  # noqa: BLE001 - a failed section is a finding, not a crash
+            self.problems.append(f'{what}: {type(e).__name__}: {e}')
+            print(f"  {what} FAILED: {type(e).__name__}: {e}", flush=True)
+            return None
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace | None:
+    """The command line, or None (after one line on stderr) when this machine cannot run it."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--device', default='cuda', help="cuda (the check), or cpu with --tiny (a dry run)")
     p.add_argument('--tiny', action='store_true', help='tiny sizes: a seconds-long dry run of every step')
@@ -294,108 +313,119 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == 'cuda' and not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device on this machine (torch {torch.__version__}); run it on a CUDA machine, "
               f"or `python bench/gpu_check.py --device cpu --tiny` for a dry run", file=sys.stderr)
-        return 2
+        return None
     if args.device not in ('cuda', 'cpu') or (args.device == 'cpu' and not args.tiny):
         print("gpu_check: --device is cuda, or cpu together with --tiny (a dry run)", file=sys.stderr)
-        return 2
+        return None
+    return args
 
+
+def smoke_section(out: Sections, tmp: str, device: str, size: dict) -> None:
+    print("1. smoke runs", flush=True)
+    smoke = smoke_runs(tmp, device, size)
+    out.report['smoke'] = smoke
+    for s in smoke:
+        out.rows.append(row(f"smoke {s['name']}", 'ok' if s['exit_code'] == 0 else f"exit {s['exit_code']}",
+                            '', 'exit 0', f"{s['seconds']} s {s['error']}".strip()))
+        if s['exit_code'] != 0:
+            out.problems.append(f"smoke {s['name']}: exit {s['exit_code']}: {s['error']}")
+
+
+def training_section(out: Sections, config: dict, data, device: torch.device, size: dict, tiny: bool,
+                     gpu: str, peak: float | None) -> dict:
+    """Exercise 1.3's model timed with and without torch.compile, its FLOPs and MFU. Returns {compile: result}."""
+    print(f"2. exercise 1.3's model on {len(data.train):,} images, batch {config['batch_size']}, "
+          f"widths {config['widths']}", flush=True)
+    ours = {c: out.measure(f"ours, compile {'on' if c else 'off'}", time_ours, config, data, c,
+                           size['timed_epochs'], tiny) for c in (False, True)}
+    from exercise_1_3 import build_model
+    flops = out.measure('FLOP count', flops_per_image, build_model(config, data).to(device), data.shape, device)
+    out.report['flops'] = flops
+    for c, r in ours.items():
+        if r is None:
+            continue
+        key = 'compile' if c else 'no_compile'
+        label = f"ours, compile {'on' if c else 'off'}{' (eager backend)' if tiny and c else ''}"
+        out.rows.append(row(f'{label}: images/s', r['images_per_second'], 'img/s', verdict(r['images_per_second'],
+                            TARGETS[key], tiny), f"median of {size['timed_epochs']} epochs after warm-up"))
+        out.rows.append(row(f'{label}: epoch time', r['median_epoch_seconds'], 's', '',
+                            f"warm-up epoch (compile, autotune) {r['warmup_seconds']:.2f} s"))
+        out.rows.append(row(f'{label}: peak GPU memory', r['peak_memory_mib'], 'MiB', '',
+                            f"bf16 {r['amp_bf16']}, channels_last {r['channels_last']}"))
+        if flops:
+            achieved = r['images_per_second'] * flops['train_flops'] / 1e12
+            out.rows.append(row(f'{label}: model TFLOPS', achieved, 'TFLOPS', '',
+                                f"{flops['forward_flops'] / 1e9:.3f} GFLOP forward per image, x3 for training"))
+            out.rows.append(row(f'{label}: MFU', None if peak is None else 100 * achieved / peak, '%', '',
+                                f'of {peak:g} TFLOPS dense bf16 ({gpu})' if peak else f'no bf16 peak known for {gpu}'))
+    out.report['ours'] = {('compile' if c else 'no_compile'): r for c, r in ours.items()}
+    return ours
+
+
+def dataloader_section(out: Sections, config: dict, tmp: str, ours: dict, tiny: bool) -> None:
+    print("4. the torchvision DataLoader pipeline, same model and step", flush=True)
+    from bench_cifar import bench_torchvision
+    workers = os.cpu_count() or 1
+    loader = out.measure('DataLoader', bench_torchvision, {**config, 'compile': False}, os.path.join(tmp, 'data'),
+                         workers)
+    if not loader:
+        return
+    rate = loader[0]
+    out.report['dataloader'] = {'images_per_second': rate, 'workers': workers, 'peak_memory': loader[1]}
+    out.rows.append(row('DataLoader: images/s', rate, 'img/s', '',
+                        f"{workers} workers, pin_memory, persistent; last of {config['epochs']} epochs"))
+    if ours[False]:
+        ratio = ours[False]['images_per_second'] / rate
+        out.rows.append(row('ours / DataLoader (compile off)', ratio, 'x', verdict(ratio, TARGETS['vs_dataloader'],
+                            tiny), 'same model, step, bf16 and channels_last'))
+
+
+def ddp_section(out: Sections, tmp: str, device: torch.device, size: dict, cpu_ddp: bool) -> None:
+    print("5. two GPUs", flush=True)
+    gpus = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if gpus >= 2 or (cpu_ddp and device.type == 'cpu'):
+        ddp = out.measure('DDP', ddp_scaling, tmp, device.type, size, 1 + size['timed_epochs'])
+        if ddp:
+            out.report['ddp'] = ddp
+            out.rows.append(row('DDP 2 processes: samples/s', ddp['samples_per_second_2'], 'img/s', '',
+                                f"1 process: {ddp['samples_per_second_1']:,.0f} (exercise_1_3.py, torchrun)"))
+            out.rows.append(row('DDP scaling efficiency', 100 * ddp['scaling_efficiency'], '%', '',
+                                'rate(2) / (2 x rate(1)), same global batch'))
+    else:
+        reason = f'{gpus} CUDA device(s); needs 2' if device.type == 'cuda' else 'dry run without --ddp'
+        out.report['ddp'] = {'skipped': reason}
+        out.rows.append(row('DDP 2 processes', 'skipped', '', '', reason))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args is None:
+        return 2
     from dataset import load_data
     from exercise_1_3 import config as default_config
-    tiny = args.tiny
-    size = SIZES['tiny' if tiny else 'full']
-    device = torch.device(args.device)
+    tiny, size, device = args.tiny, SIZES['tiny' if args.tiny else 'full'], torch.device(args.device)
     gpu, peak = peak_tflops(device)
     started = time.perf_counter()
     print(f"gpu_check on {gpu}, torch {torch.__version__}{' (dry run, tiny sizes)' if tiny else ''}", flush=True)
-    rows, problems, report = [], [], {'device': gpu, 'torch': torch.__version__, 'dry_run': tiny}
-
-    def measure(what: str, fn, *a):
-        """One section; a failure is recorded and reported, and the other sections still run."""
-        try:
-            return fn(*a)
-        except Exception as e:  # noqa: BLE001 - a failed section is a finding, not a crash
-            problems.append(f'{what}: {type(e).__name__}: {e}')
-            print(f"  {what} FAILED: {type(e).__name__}: {e}", flush=True)
-            return None
-
+    out = Sections(gpu, tiny)
     with tempfile.TemporaryDirectory() as tmp:
         n_val = max(1, round(0.02 * size['n']))  # a small val split; train holds exactly n
         write_data(os.path.join(tmp, 'data'), size['n'], n_val)
-
-        print("1. smoke runs", flush=True)
-        smoke = smoke_runs(tmp, args.device, size)
-        report['smoke'] = smoke
-        for s in smoke:
-            rows.append(row(f"smoke {s['name']}", 'ok' if s['exit_code'] == 0 else f"exit {s['exit_code']}",
-                            '', 'exit 0', f"{s['seconds']} s {s['error']}".strip()))
-            if s['exit_code'] != 0:
-                problems.append(f"smoke {s['name']}: exit {s['exit_code']}: {s['error']}")
-
+        smoke_section(out, tmp, args.device, size)
         config = {**default_config, 'dataset': 'cifar10', 'data_dir': os.path.join(tmp, 'data'),
                   'runs_dir': os.path.join(tmp, 'runs'), 'wandb': 'off', 'device': args.device,
                   'widths': size['widths'], 'batch_size': size['batch_size'], 'val_split': n_val / (size['n'] + n_val),
                   'epochs': 1 + size['timed_epochs'], 'run_name': 'dataloader'}
         data = load_data(config, device)
-        print(f"2. exercise 1.3's model on {len(data.train):,} images, batch {config['batch_size']}, "
-              f"widths {config['widths']}", flush=True)
-        ours = {c: measure(f"ours, compile {'on' if c else 'off'}", time_ours, config, data, c,
-                           size['timed_epochs'], tiny) for c in (False, True)}
-        from exercise_1_3 import build_model
-        flops = measure('FLOP count', flops_per_image, build_model(config, data).to(device), data.shape, device)
-        report['flops'] = flops
-        for c, r in ours.items():
-            if r is None:
-                continue
-            key = 'compile' if c else 'no_compile'
-            label = f"ours, compile {'on' if c else 'off'}{' (eager backend)' if tiny and c else ''}"
-            rows.append(row(f'{label}: images/s', r['images_per_second'], 'img/s', verdict(r['images_per_second'],
-                            TARGETS[key], tiny), f"median of {size['timed_epochs']} epochs after warm-up"))
-            rows.append(row(f'{label}: epoch time', r['median_epoch_seconds'], 's', '',
-                            f"warm-up epoch (compile, autotune) {r['warmup_seconds']:.2f} s"))
-            rows.append(row(f'{label}: peak GPU memory', r['peak_memory_mib'], 'MiB', '',
-                            f"bf16 {r['amp_bf16']}, channels_last {r['channels_last']}"))
-            if flops:
-                achieved = r['images_per_second'] * flops['train_flops'] / 1e12
-                rows.append(row(f'{label}: model TFLOPS', achieved, 'TFLOPS', '',
-                                f"{flops['forward_flops'] / 1e9:.3f} GFLOP forward per image, x3 for training"))
-                rows.append(row(f'{label}: MFU', None if peak is None else 100 * achieved / peak, '%', '',
-                                f'of {peak:g} TFLOPS dense bf16 ({gpu})' if peak else f'no bf16 peak known for {gpu}'))
-        report['ours'] = {('compile' if c else 'no_compile'): r for c, r in ours.items()}
+        ours = training_section(out, config, data, device, size, tiny, gpu, peak)
+        dataloader_section(out, config, tmp, ours, tiny)
+        ddp_section(out, tmp, device, size, args.ddp)
 
-        print("4. the torchvision DataLoader pipeline, same model and step", flush=True)
-        from bench_cifar import bench_torchvision
-        workers = os.cpu_count() or 1
-        loader = measure('DataLoader', bench_torchvision, {**config, 'compile': False}, os.path.join(tmp, 'data'),
-                         workers)
-        if loader:
-            rate = loader[0]
-            report['dataloader'] = {'images_per_second': rate, 'workers': workers, 'peak_memory': loader[1]}
-            rows.append(row('DataLoader: images/s', rate, 'img/s', '',
-                            f"{workers} workers, pin_memory, persistent; last of {config['epochs']} epochs"))
-            if ours[False]:
-                ratio = ours[False]['images_per_second'] / rate
-                rows.append(row('ours / DataLoader (compile off)', ratio, 'x', verdict(ratio, TARGETS['vs_dataloader'],
-                                tiny), 'same model, step, bf16 and channels_last'))
-
-        print("5. two GPUs", flush=True)
-        gpus = torch.cuda.device_count() if device.type == 'cuda' else 0
-        if gpus >= 2 or (args.ddp and device.type == 'cpu'):
-            ddp = measure('DDP', ddp_scaling, tmp, args.device, size, 1 + size['timed_epochs'])
-            if ddp:
-                report['ddp'] = ddp
-                rows.append(row('DDP 2 processes: samples/s', ddp['samples_per_second_2'], 'img/s', '',
-                                f"1 process: {ddp['samples_per_second_1']:,.0f} (exercise_1_3.py, torchrun)"))
-                rows.append(row('DDP scaling efficiency', 100 * ddp['scaling_efficiency'], '%', '',
-                                'rate(2) / (2 x rate(1)), same global batch'))
-        else:
-            reason = f'{gpus} CUDA device(s); needs 2' if device.type == 'cuda' else 'dry run without --ddp'
-            report['ddp'] = {'skipped': reason}
-            rows.append(row('DDP 2 processes', 'skipped', '', '', reason))
-
-    report['rows'], report['problems'] = rows, problems
+    report, problems = out.report, out.problems
+    report['rows'], report['problems'] = out.rows, problems
     report['seconds'] = round(time.perf_counter() - started, 1)
     print_table(f"gpu_check: {gpu}, torch {torch.__version__}, {report['seconds']} s"
-                f"{' (DRY RUN: tiny sizes, figures mean nothing)' if tiny else ''}", rows)
+                f"{' (DRY RUN: tiny sizes, figures mean nothing)' if tiny else ''}", out.rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     from files import write_json
     write_json(args.out, json.loads(json.dumps(report, default=str)))  # atomic, like every file a run writes
