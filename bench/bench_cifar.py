@@ -79,7 +79,7 @@ def bench_ours(config: dict) -> tuple[float, str]:
     history = train(model, data, run)
     run.finish()
     last = history[-1]
-    return len(data.train) / last['epoch_seconds'], peak_memory(device)
+    return len(data.train) / last['train/epoch_seconds'], peak_memory(device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,9 +55,9 @@ def ours(root: str, device: str, batch_size: int) -> tuple[float, float]:
     history = train(model, data, run)
     run.finish()
     acc = evaluate(model, data.test)['acc']
-    print(f"(a) ours:   load {load_seconds:.2f}s once, then {history[0]['samples_per_second']:,.0f} samples/s, "
+    print(f"(a) ours:   load {load_seconds:.2f}s once, then {history[0]['train/samples_per_second']:,.0f} samples/s, "
           f"test acc {100 * acc:.2f}%")
-    return history[0]['samples_per_second'], acc
+    return history[0]['train/samples_per_second'], acc
 
 
 def common(root: str, device: str, batch_size: int, workers: int) -> tuple[float, float]:
@@ -93,7 +93,8 @@ def common(root: str, device: str, batch_size: int, workers: int) -> tuple[float
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--dataset', default='', help="'' = synthetic MNIST-sized data; mnist | fashion_mnist = real files")
+    p.add_argument('--dataset', default='', choices=('', 'mnist', 'fashion_mnist'),
+                   help="'' = synthetic MNIST-sized data; mnist | fashion_mnist = real files")
     p.add_argument('--data_dir', default='./data')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--batch_size', type=int, default=64)

@@ -247,7 +247,7 @@ def ddp_scaling(tmp: str, device: str, size: dict, epochs: int) -> dict:
                                f"{(result.stderr.strip().splitlines() or [''])[-1]}")
         history = checkpoint.load(os.path.join(tmp, 'ddp', 'exercise_1_3', f'world{world}', 'checkpoints',
                                                'last.pt')).history
-        rates[world] = statistics.median(h['samples_per_second'] for h in history[1:])
+        rates[world] = statistics.median(h['train/samples_per_second'] for h in history[1:])
         print(f"  exercise_1_3.py on {world} process(es): {rates[world]:,.0f} samples/s", flush=True)
     return {'samples_per_second_1': rates[1], 'samples_per_second_2': rates[2],
             'scaling_efficiency': rates[2] / (2 * rates[1])}
