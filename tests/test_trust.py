@@ -19,6 +19,7 @@ import exercise_1_2
 import exercise_1_3
 import exercise_2_3 as ex23
 import record
+import rundir
 import training
 from config import UserError, cli
 from dataset import load_data
@@ -499,3 +500,22 @@ def test_idx_reader_refuses_a_gzip_cut_in_the_middle(tmp_path):
     path.write_bytes(path.read_bytes()[:30])
     with pytest.raises(UserError, match='truncated or corrupt'):
         read_idx(str(path))
+
+
+def test_a_checkpoint_from_before_a_key_resumes_as_it_was_trained(tmp_path, config):
+    """1.1 on mnist now augments by default (dataset.DATASETS); a checkpoint written before 1.1 had the
+    `augment` key trained without it, and resuming it must not switch augmentation on silently."""
+    data_dir = str(tmp_path / 'mnist')
+    write_mnist(data_dir)
+    cfg = {**config, 'dataset': 'mnist', 'data_dir': data_dir}
+    assert run_1_1(argv_of(cfg, epochs=1, max_steps=2, augment=False)) == 0
+    last = os.path.join(cfg['runs_dir'], 'exercise_1_1', cfg['run_name'], 'checkpoints', 'last.pt')
+    os.remove(os.path.join(os.path.dirname(os.path.dirname(last)), 'results.json'))  # as if stopped
+    old = load_checkpoint(last)
+    del old['config']['augment']                       # as written before the key existed
+    save_checkpoint(last, old)
+    run = Run('exercise_1_1', exercise_1_1.with_defaults('exercise_1_1', {**exercise_1_1.config, 'resume': last,
+                                                                         'dataset': 'mnist'}, {'resume': last}),
+              {'resume': last})
+    assert run.config['augment'] is False
+    rundir.release(run.dir)
