@@ -83,9 +83,6 @@ class Checkpoint:
         old = dict(self.config)
         if isinstance(old.get('amp'), bool):
             old['amp'] = 'auto' if old['amp'] else 'off'
-        # no key = no augmentation (dataset.load_data's default): not today's default, which a dataset
-        # may turn on (1.1 on mnist), so a run from before the key resumes as it was trained
-        old.setdefault('augment', False)
         return old
 
 

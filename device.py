@@ -6,6 +6,7 @@ prepare() readies a model for training (device, memory format, SyncBN, DDP, comp
 """
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 from contextlib import nullcontext
@@ -66,8 +67,18 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); under torchrun, joins the process group first (NCCL on CUDA, else gloo)."""
     import torch.distributed as dist
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        dist.init_process_group(backend)
+        if backend == 'gloo':  # left to interpreter teardown, Gloo's threads abort the process now and then
+            atexit.register(_leave_group)  # ("terminate called without an active exception", SIGABRT)
     return rank_world()
+
+
+def _leave_group() -> None:
+    """Destroy the Gloo process group while the interpreter is alive (a local act: no other rank waits)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_world() -> tuple[int, int]:

@@ -325,6 +325,8 @@ def resume_folder(ck: Checkpoint, exercise: str, runs_dir: str, overrides: dict)
 def resumed_config(ck: Checkpoint, config: dict, overrides: dict, may_change: set[str], folder: str) -> dict:
     """The checkpoint's config, plus the overrides that may change; UserError for the others."""
     old = ck.resumed_config()
+    if 'augment' in config:  # absent = trained without augmentation (dataset.load_data), whatever today's
+        old.setdefault('augment', False)  # default is (1.1 on mnist): a run resumes as it was trained
     allowed = MAY_CHANGE_ON_RESUME | may_change
     changed = {k: v for k, v in overrides.items() if k not in allowed and old.get(k, config[k]) != v}
     if changed:
