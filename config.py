@@ -283,3 +283,5 @@ def cli(main: Callable[[dict[str, Any], dict[str, Any]], Any], config: dict[str,
             raise
         print(f"error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
         sys.exit(1)
+    from device import leave_group  # under torchrun: every rank got here; leave together, not at teardown
+    leave_group()

@@ -69,16 +69,24 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         dist.init_process_group(backend)
-        if backend == 'gloo':  # left to interpreter teardown, Gloo's threads abort the process now and then
-            atexit.register(_leave_group)  # ("terminate called without an active exception", SIGABRT)
+        if backend == 'gloo':  # destroyed while the interpreter is alive (a local act), not at its teardown
+            atexit.register(_destroy_group)
     return rank_world()
 
 
-def _leave_group() -> None:
-    """Destroy the Gloo process group while the interpreter is alive (a local act: no other rank waits)."""
+def _destroy_group() -> None:
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave_group() -> None:
+    """After a script's main returned on every rank (config.cli): wait for all, so that no rank tears
+    its end of the group down while another still uses it. Without this, a rank that finished first
+    was aborted at exit now and then (SIGABRT, "terminate called without an active exception")."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def rank_world() -> tuple[int, int]:
