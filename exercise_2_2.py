@@ -28,6 +28,7 @@ from evaluate import check_model_on_data, load_model
 from files import write_json
 from models import CNN, MLP
 from record import Run
+from rundir import run_dir_of
 from training import cached_run, digest
 
 EXERCISE = 'exercise_2_2'
@@ -140,7 +141,7 @@ def train_stage(kind: str, stage_config: dict, identity: dict, make_data, build_
 def stage_results(checkpoint: str) -> dict:
     """results.json of the run a checkpoint belongs to ({} if there is none)."""
     try:
-        with open(os.path.join(os.path.dirname(os.path.dirname(checkpoint)), 'results.json')) as f:
+        with open(os.path.join(run_dir_of(checkpoint), 'results.json')) as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}

@@ -57,7 +57,7 @@ config = {
 }
 
 
-# Keys handed on to exercise 1.3 when it must train a checkpoint first: data, system, smoke size.
+# Keys handed on to exercise 1.3 when it must train a checkpoint first: data, schedule, where and how it runs.
 FORWARD_TO_1_3 = keys_with(COMMON, DATA, SCHEDULE, RUNS)
 
 # Why part 2's accuracy and maps are not a held-out (zero-shot) measurement: printed and recorded with them.

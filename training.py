@@ -166,8 +166,6 @@ def diverged(row: dict, num_classes: int, lr: float) -> dict | None:
                       f"a learning rate; try --lr {lr / 10:g}"}
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
