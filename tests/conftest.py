@@ -10,6 +10,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('MPLBACKEND', 'Agg')
 os.environ.setdefault('WANDB_SILENT', 'true')
+if os.environ.get('PYTEST_XDIST_WORKER'):  # `pytest -n N`: N processes share the cores; one thread each,
+    os.environ.setdefault('OMP_NUM_THREADS', '1')  # else their OpenMP threads spin against each other
 
 from synthetic import write_cifar10, write_idx, write_mnist  # noqa: F401,E402 - re-exported for the tests
 
