@@ -34,6 +34,8 @@ LIMITS = [
     ('max_shift', lambda v: 0 <= v < 3 * WINDOW // 4,
      f'in [0, {3 * WINDOW // 4 - 1}]: off-centre (background) crops are shifted by more, up to 3/4 of the '
      f'{WINDOW} px window'),
+    ('ignore_shift', lambda v: 0 <= v < 3 * WINDOW // 4,
+     f'in [0, {3 * WINDOW // 4 - 1}] and >= --max_shift (= max_shift: no ignore zone)'),
 ]
 
 
@@ -152,26 +154,29 @@ def make_canvases(x: np.ndarray | Tensor, y: np.ndarray | Tensor, n: int, seed: 
 
 
 def crop_corners(canvases: Canvases, window: int, max_shift: int, random_per_canvas: int,
-                 seed: int | list[int]) -> list[np.ndarray]:
+                 seed: int | list[int], ignore_shift: int | None = None) -> list[np.ndarray]:
     """Top-left (y, x) of background_crops' crops, per canvas (int64 (M, 2), canvas coordinates).
 
     Per object: a positive, whose centre lies within max_shift (+ 0.5, see background_crops) of the
     object's centre in y and x, drawn uniformly from those places; and an off-centre crop, beyond
-    that, shifted by up to 3/4 window (a partial view). Per canvas, random_per_canvas crops anywhere.
-    Every draw is bounded: UserError if max_shift leaves no room for off-centre crops."""
+    ignore_shift (default max_shift), shifted by up to 3/4 window (a partial view). Per canvas,
+    random_per_canvas crops anywhere. Every draw is bounded: UserError if the shifts leave no room
+    for off-centre crops."""
     far = (3 * window) // 4
-    if not 0 <= max_shift < far:
-        raise UserError(f"--max_shift {max_shift} leaves no room for off-centre (background) crops of a {window} px "
-                        f"window, which are shifted by more than it and at most {far} px: use 0 to {far - 1}")
+    ignore_shift = max_shift if ignore_shift is None else ignore_shift
+    if not 0 <= max_shift <= ignore_shift < far:
+        raise UserError(f"--max_shift {max_shift} / --ignore_shift {ignore_shift} leave no room for off-centre "
+                        f"(background) crops of a {window} px window, which are shifted by more than both and at "
+                        f"most {far} px: use 0 <= max_shift <= ignore_shift <= {far - 1}")
     rng = np.random.default_rng(seed)
-    half, reach = window / 2, max_shift + 0.5
+    half, reach = window / 2, ignore_shift + 0.5
     out = []
     for k in range(len(canvases)):
         size = canvases.images.shape[-1]
         corners = []
         for centre in canvases.centres[k].numpy().astype(np.float64):
             centred = centre - half                                  # the corner that centres the crop (may be .5)
-            lo, hi = np.ceil(centred - reach), np.floor(centred + reach)
+            lo, hi = np.ceil(centred - max_shift - 0.5), np.floor(centred + max_shift + 0.5)
             corners.append(lo + rng.integers(0, (hi - lo + 1).astype(np.int64)))
             for _ in range(1000):  # rejection: at most (41/43)^2 of draws fail (max_shift 20), so this ends
                 corner = np.floor(centred) + rng.integers(-far, far + 1, 2)
@@ -187,7 +192,8 @@ def crop_corners(canvases: Canvases, window: int, max_shift: int, random_per_can
 
 
 def background_crops(canvases: Canvases, window: int, max_shift: int, random_per_canvas: int,
-                     seed: int | list[int], background: int = 10) -> tuple[Tensor, Tensor]:
+                     seed: int | list[int], background: int = 10,
+                     ignore_shift: int | None = None) -> tuple[Tensor, Tensor]:
     """Crops of `window` px from canvases, labelled for an (n+1)-way classifier: (x uint8 (M, 1, w, w), y (M,)).
 
     Crops at crop_corners (per object a positive and an off-centre crop, per canvas random ones;
@@ -196,16 +202,23 @@ def background_crops(canvases: Canvases, window: int, max_shift: int, random_per
     The half pixel makes the rule symmetric: an odd-sized object's centre falls mid-pixel, so a crop
     is 0.5, 1.5, ... px off it, alike on either side (without it, a shift of -max_shift would be
     background and +max_shift the class). For even sizes it is exactly "within max_shift px".
+    ignore_shift > max_shift leaves a zone untrained, as detectors leave IoUs between their positive
+    and negative thresholds: a crop whose nearest object centre is more than max_shift but at most
+    ignore_shift px off is dropped, neither the class nor background (the stride-8 decoder always has
+    a window within 4 px of an object; the next one, 4-12 px off, need not say background).
     """
     pad, half = window, window / 2
+    ignore_reach = (max_shift if ignore_shift is None else ignore_shift) + 0.5
     xs, ys = [], []
-    for k, corners in enumerate(crop_corners(canvases, window, max_shift, random_per_canvas, seed)):
+    for k, corners in enumerate(crop_corners(canvases, window, max_shift, random_per_canvas, seed, ignore_shift)):
         img = F.pad(canvases.images[k, 0], (pad, pad, pad, pad)).numpy()  # black beyond the canvas
         centres = canvases.centres[k].numpy().astype(np.float64)
         for t, l in corners:
-            xs.append(img[t + pad:t + pad + window, l + pad:l + pad + window])
             dist = np.abs(centres - (np.array([t, l]) + half)).max(1) if len(centres) else np.zeros(0)
             near = np.flatnonzero(dist <= max_shift + 0.5)
+            if not len(near) and (dist <= ignore_reach).any():
+                continue  # in the ignore zone
+            xs.append(img[t + pad:t + pad + window, l + pad:l + pad + window])
             ys.append(int(canvases.labels[k][near[dist[near].argmin()]]) if len(near) else background)
     return torch.from_numpy(np.stack(xs))[:, None], torch.tensor(ys, dtype=torch.int64)
 
@@ -222,7 +235,7 @@ def crop_data(data: Data, config: dict, device: torch.device | str = 'cpu') -> t
         split, seed = getattr(data, name), [config['canvas_seed'], 10 + stream]
         canvases = make_canvases(split.x, split.y, n, seed, **canvas_keys(config))
         x, y = background_crops(canvases, data.shape[-1], config['max_shift'], config['random_crops'], seed,
-                                background=data.num_classes)
+                                background=data.num_classes, ignore_shift=config['ignore_shift'])
         splits[name] = Split(x=x.to(device), y=y.to(device), mean=split.mean.to(device), std=split.std.to(device))
         counts[name] = {'canvases': n, 'crops': len(y), 'background': int((y == data.num_classes).sum())}
     return Data(name=f'{data.name}-crops', classes=data.classes + ['background'], **splits), counts

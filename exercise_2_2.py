@@ -20,6 +20,7 @@ from torch import nn
 
 import canvases
 import detect
+import detect_errors
 from config import AFTER, CHOOSES, COMMON, DATA, RECIPE, RESULT, UserError, check, cli, keys_with
 from dataset import Data, dataset_names, load_data
 from detect_display import figures, log_tables, print_results
@@ -57,6 +58,7 @@ config = {
     'finetune_lr': 1e-3,            # peak lr of the fine-tune, cosine-annealed
     'random_crops': 3,              # per canvas: crops anywhere (mostly empty or partial -> background)
     'max_shift': 4,                 # px: crops centred this near an object (y, x; +0.5 if odd-sized) are its class
+    'ignore_shift': 4,              # px: crops between max_shift and this off an object are not trained on (= max_shift: none)
     # canvases
     'canvas_size': 100,             # px, square, black
     'objects': [3, 6],              # images per canvas, [min, max]
@@ -216,7 +218,8 @@ def run_track(model: nn.Module, data: Data, val: canvases.Canvases, test: canvas
                'geometry': vars(fcn.geometry),
                'surgery': detect.surgery_check(model, fcn, data.test.normalize(data.test.x[:256]).cpu(),
                                                config['canvas_size']),
-               'pr_curve': {k: v.tolist() for k, v in score.curve.items()}}
+               'pr_curve': {k: v.tolist() for k, v in score.curve.items()},
+               'errors': detect_errors.count_errors(score.output, test.targets(), score.threshold)}
     ablation = box_ablation(fcn, data, val, test, config, metrics) if config['box_ablation'] else None
     return {'metrics': metrics, 'preds': detect.above(score.output, score.threshold), 'maps': score.first_maps,
             'geometry': fcn.geometry, 'ablation': ablation}
@@ -245,6 +248,9 @@ def main(config: dict, overrides: dict) -> dict:
                         "an interrupted one resumes by itself)")
     check(config, limits=[*LIMITS, *canvases.LIMITS, *detect.LIMITS])
     canvases.check_fits(config['canvas_size'], config['objects'], config['object_size'], config['min_gap'])
+    if config['ignore_shift'] < config['max_shift']:
+        raise UserError(f"--ignore_shift {config['ignore_shift']} must be >= --max_shift {config['max_shift']} "
+                        f"(crops up to max_shift px off an object are its class; the ignore zone lies beyond)")
     t_start, load_start = time.perf_counter(), os.getloadavg()
     stage = {**config, 'checkpoint': '', 'wandb_verbose': config.get('wandb_verbose', False)}
     classifier_identity = {k: config[k] for k in CLASSIFIER_KEYS}

@@ -184,6 +184,31 @@ def test_background_crops_follow_the_label_rule(object_size):
         assert labels[i - len(cs):i - len(cs) + 2 * len(cv.centres[k]):2].tolist() == cv.labels[k].tolist()
 
 
+def test_ignore_zone_drops_the_crops_between_the_shifts_and_nothing_else():
+    """ignore_shift 8: no crop whose nearest object centre is 4.5-8.5 px off is kept; off-centre crops
+    lie beyond 8.5 px; every kept crop follows the label rule; ignore_shift = max_shift changes nothing."""
+    x, y = split_images()
+    cv = canvases.make_canvases(x, y, 20, [0, 0], canvas_size=100, objects=[3, 5])
+    same = canvases.background_crops(cv, 28, max_shift=4, random_per_canvas=3, seed=0, ignore_shift=4)
+    before = canvases.background_crops(cv, 28, max_shift=4, random_per_canvas=3, seed=0)
+    assert torch.equal(same[0], before[0]) and torch.equal(same[1], before[1])
+    crops, labels = canvases.background_crops(cv, 28, max_shift=4, random_per_canvas=3, seed=0, ignore_shift=8)
+    corners = canvases.crop_corners(cv, 28, max_shift=4, random_per_canvas=3, seed=0, ignore_shift=8)
+    kept, dropped = [], 0
+    for k, cs in enumerate(corners):
+        n = len(cv.centres[k])
+        off = (torch.from_numpy(cs).double()[:, None] + 14 - cv.centres[k].double()[None]).abs().amax(2).amin(1)
+        own = (torch.from_numpy(cs[:2 * n]).double() + 14 - cv.centres[k].double().repeat_interleave(2, 0)).abs().amax(1)
+        assert (own[0::2] <= 4.5).all() and (own[1::2] > 8.5).all()     # positive; off-centre beyond the zone
+        zone = (off > 4.5) & (off <= 8.5)
+        dropped += int(zone.sum())
+        kept.append(cs[~zone.numpy()])
+    assert labels.tolist() == rule_labels(cv, kept, 28, 4) and len(crops) == sum(map(len, kept))
+    assert dropped > 0 and (labels == 10).any()
+    with pytest.raises(UserError):
+        canvases.crop_corners(cv, 28, max_shift=4, random_per_canvas=3, seed=0, ignore_shift=3)
+
+
 def test_odd_sized_objects_are_labelled_alike_on_either_side():
     """A 9 px object's centre falls mid-pixel (44.5): crops shifted by up to max_shift either way keep
     its class, those further off either way are background, and positives are drawn symmetrically."""
