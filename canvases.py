@@ -192,9 +192,10 @@ def crop_corners(canvases: Canvases, window: int, max_shift: int, random_per_can
 
 
 def background_crops(canvases: Canvases, window: int, max_shift: int, random_per_canvas: int,
-                     seed: int | list[int], background: int = 10,
-                     ignore_shift: int | None = None) -> tuple[Tensor, Tensor]:
-    """Crops of `window` px from canvases, labelled for an (n+1)-way classifier: (x uint8 (M, 1, w, w), y (M,)).
+                     seed: int | list[int], background: int = 10, ignore_shift: int | None = None,
+                     margin: int = 0) -> tuple[Tensor, Tensor]:
+    """Crops of `window` px from canvases, labelled for an (n+1)-way classifier: (x uint8 (M, 1, w, w), y (M,));
+    with `margin` px of the canvas around each (w + 2 margin px: the fine-tune in context, detect.in_context).
 
     Crops at crop_corners (per object a positive and an off-centre crop, per canvas random ones;
     outside the canvas is black). Every crop is labelled by one rule: the class of the object whose
@@ -207,7 +208,7 @@ def background_crops(canvases: Canvases, window: int, max_shift: int, random_per
     ignore_shift px off is dropped, neither the class nor background (the stride-8 decoder always has
     a window within 4 px of an object; the next one, 4-12 px off, need not say background).
     """
-    pad, half = window, window / 2
+    pad, half = window + margin, window / 2
     ignore_reach = (max_shift if ignore_shift is None else ignore_shift) + 0.5
     xs, ys = [], []
     for k, corners in enumerate(crop_corners(canvases, window, max_shift, random_per_canvas, seed, ignore_shift)):
@@ -218,13 +219,14 @@ def background_crops(canvases: Canvases, window: int, max_shift: int, random_per
             near = np.flatnonzero(dist <= max_shift + 0.5)
             if not len(near) and (dist <= ignore_reach).any():
                 continue  # in the ignore zone
-            xs.append(img[t + pad:t + pad + window, l + pad:l + pad + window])
+            xs.append(img[t + pad - margin:t + pad + window + margin, l + pad - margin:l + pad + window + margin])
             ys.append(int(canvases.labels[k][near[dist[near].argmin()]]) if len(near) else background)
     return torch.from_numpy(np.stack(xs))[:, None], torch.tensor(ys, dtype=torch.int64)
 
 
-def crop_data(data: Data, config: dict, device: torch.device | str = 'cpu') -> tuple[Data, dict]:
-    """Track B's 11-class crops (uint8, class 10 = background) on `device`, cut from canvases of each
+def crop_data(data: Data, config: dict, device: torch.device | str = 'cpu', margin: int = 0) -> tuple[Data, dict]:
+    """Track B's 11-class crops (uint8, class 10 = background; with `margin` px of canvas around each window)
+    on `device`, cut from canvases of each
     split: train from the train split (finetune_canvases of them), val and test (reported, never
     selected on; a tenth as many) from theirs, each with its own seed stream of canvas_seed.
     Returns the crops and per split {'canvases', 'crops', 'background'}."""
@@ -235,7 +237,7 @@ def crop_data(data: Data, config: dict, device: torch.device | str = 'cpu') -> t
         split, seed = getattr(data, name), [config['canvas_seed'], 10 + stream]
         canvases = make_canvases(split.x, split.y, n, seed, **canvas_keys(config))
         x, y = background_crops(canvases, data.shape[-1], config['max_shift'], config['random_crops'], seed,
-                                background=data.num_classes, ignore_shift=config['ignore_shift'])
+                                background=data.num_classes, ignore_shift=config['ignore_shift'], margin=margin)
         splits[name] = Split(x=x.to(device), y=y.to(device), mean=split.mean.to(device), std=split.std.to(device))
         counts[name] = {'canvases': n, 'crops': len(y), 'background': int((y == data.num_classes).sum())}
     return Data(name=f'{data.name}-crops', classes=data.classes + ['background'], **splits), counts

@@ -403,6 +403,8 @@ def load_data(config: dict, device: torch.device | str) -> Data:
     model selection never sees the test split. `subset` caps every split (smoke runs).
     config.get('augment') augments the train split: a random crop with padding H // 8 (4 for
     CIFAR's 32 px, 3 for 28 px, 1 for digits' 8 px) and, for flip_invariant datasets, a flip.
+    config.get('black_is_zero') normalises as x / std (mean 0): a conv's zero padding is then black,
+    as the black canvas around a crop is for exercise 2.2's detector.
     """
     name = config['dataset']
     if name not in DATASETS:
@@ -418,6 +420,8 @@ def load_data(config: dict, device: torch.device | str) -> Data:
     n_val = int(round(config['val_split'] * len(y_train)))
     val_idx, train_idx = order[:n_val], order[n_val:]
     mean, std = _stats(x_train[train_idx])
+    if config.get('black_is_zero', False):
+        mean = [0.0] * len(mean)
 
     def split(x: np.ndarray, y: np.ndarray) -> Split:
         if config['subset']:

@@ -152,6 +152,25 @@ def fully_convolutionalize(model: nn.Module, input_shape: tuple[int, int, int]) 
     return fcn
 
 
+def context_margin(g: Geometry) -> int:
+    """px of canvas on each side of a window that its output position sees (receptive field beyond the
+    window, the larger side, rounded up to whole strides so the cells stay aligned): 8 for the depth-0 CNN."""
+    beyond = max(-g.offset, g.offset + g.receptive_field - g.window, 0)
+    return g.stride * -(-beyond // g.stride)
+
+
+def in_context(model: nn.Module, g: Geometry) -> nn.Module:
+    """The CNN `model` set to classify the window at the centre of a (window + 2 context_margin) px input,
+    seeing its surroundings as its fully convolutional form on a canvas does (models.CNN window_cells)."""
+    if type(model) is not models.CNN:
+        raise UserError(f"only a models.CNN can be fine-tuned in context, not a {type(model).__name__}")
+    with torch.no_grad():
+        cells = model.features(torch.zeros(1, model.args['in_channels'], g.window, g.window)).shape[-1]
+    model.window_cells = [context_margin(g) // g.stride, cells]
+    model.args = {**model.args, 'window_cells': model.window_cells}
+    return model
+
+
 def with_background(model: nn.Module) -> nn.Module:
     """The same classifier with one more output (the background class, last), its old rows kept."""
     old = model.classifier
@@ -446,20 +465,23 @@ def score(fcn: FullyConvolutional, val: Canvases, test: Canvases, mean: Tensor, 
 
 def surgery_check(model: nn.Module, fcn: FullyConvolutional, x: Tensor, canvas_size: int) -> dict:
     """How exactly the surgery reproduces the classifier, on normalised images x (B, 1, w, w): on the
-    images themselves, and with each image alone on a black canvas at a stride-aligned place."""
+    images themselves, and with each image alone on a black canvas at a stride-aligned place. A model
+    fine-tuned in context (in_context) is given each window with its margin, as it was trained."""
     g = fcn.geometry
     model = model.cpu().eval()
+    m = g.stride * model.window_cells[0] if getattr(model, 'window_cells', None) else 0  # in context: the margin
+    black = x.amin().item()                                     # normalised black (MNIST-style data)
     with torch.no_grad():
-        logits = model(x)
-        alone = (fcn(x)[:, :, 0, 0] - logits).abs().max().item()
+        framed = F.pad(x, (m, m, m, m), value=black)
+        logits = model(framed)
+        alone = (fcn(framed)[:, :, m // g.stride, m // g.stride] - logits).abs().max().item()
         i = (canvas_size - g.window) // 2 // g.stride             # a central output position
-        black = x.amin().item()                                     # normalised black (MNIST-style data)
         canvas = torch.full((len(x), x.shape[1], canvas_size, canvas_size), black)
-        window = (slice(None), slice(None), slice(g.stride * i, g.stride * i + g.window),
-                  slice(g.stride * i, g.stride * i + g.window))
-        canvas[window] = x
+        at = slice(g.stride * i, g.stride * i + g.window)
+        canvas[:, :, at, at] = x
         placed = fcn(canvas)[:, :, i, i]
-        crop_logits = model(canvas[window])
+        seen = slice(g.stride * i - m, g.stride * i + g.window + m)  # the window and its margin
+        crop_logits = model(canvas[:, :, seen, seen])
     return {'max_abs_diff_on_crops': alone, 'on_canvas_max_abs_diff': (placed - crop_logits).abs().max().item(),
             'on_canvas_top1_agreement': (placed.argmax(1) == crop_logits.argmax(1)).float().mean().item(),
             'images': len(x)}

@@ -46,6 +46,7 @@ config = {
     'hidden': [1024, 1024],         # MLP hidden widths (exercise 1.1's)
     'dropout': 0.0,                 # after each stage / hidden ReLU
     'augment': True,                # classifier: random crop (pad 3) [+ flip on fashion_mnist]: shift tolerance
+    'black_is_zero': False,         # classifier: normalise as x / std, so its zero padding is black like the canvas
     'epochs': 6,                    # classifier epochs (depth-0 CNN: ~1 min each on one CPU thread)
     'batch_size': 128,              # classifier and fine-tune
     'optimizer': 'adamw',           # classifier and fine-tune
@@ -58,6 +59,7 @@ config = {
     'finetune_lr': 1e-3,            # peak lr of the fine-tune, cosine-annealed
     'random_crops': 3,              # per canvas: crops anywhere (mostly empty or partial -> background)
     'max_shift': 4,                 # px: crops centred this near an object (y, x; +0.5 if odd-sized) are its class
+    'finetune_context': False,      # fine-tune on each window with the canvas around it that its output sees
     'ignore_shift': 4,              # px: crops between max_shift and this off an object are not trained on (= max_shift: none)
     # canvases
     'canvas_size': 100,             # px, square, black
@@ -90,7 +92,8 @@ CLASSIFIER, FINETUNE = 'classifier', 'finetune'
 # box_ablation (read after training) have been in the fine-tune's identity since the first records: kept there.
 ROLE = {
     'checkpoint': CHOOSES,
-    **dict.fromkeys(('model', 'widths', 'depth', 'hidden', 'dropout', 'augment', 'epochs', 'lr'), CLASSIFIER),
+    **dict.fromkeys(('model', 'widths', 'depth', 'hidden', 'dropout', 'augment', 'black_is_zero', 'epochs', 'lr'),
+                    CLASSIFIER),
     **dict.fromkeys(('sync_bn', 'box_ablation'), FINETUNE),
     **dict.fromkeys(('test_canvases', 'val_canvases', 'score_threshold', 'min_score', 'nms_iou', 'agnostic_iou',
                      'refine_margin', 'timing_threads', 'figure_canvases', 'assets', 'assets_dir'), AFTER),
@@ -180,10 +183,12 @@ def background_stage(config: dict, stage: dict, data: Data, classifier_path: str
     """Track B's classifier: fine-tuned with a background class on crops (reused when identical).
     Returns the model and its record for results.json."""
     crops_made: dict = {}  # filled only when the crops are cut (not when a finished stage is reused)
+    geometry = detect.fully_convolutionalize(load_model(classifier_path)[0], data.shape).geometry
+    margin = detect.context_margin(geometry) if config['finetune_context'] else 0
 
     def make_crops(_: dict, device: torch.device) -> Data:
         t0 = time.perf_counter()
-        crops, crops_made['crops'] = canvases.crop_data(data, config, device)
+        crops, crops_made['crops'] = canvases.crop_data(data, config, device, margin)
         crops_made['crop_seconds'] = time.perf_counter() - t0
         print(f"background crops in {crops_made['crop_seconds']:.1f} s: {canvases.crop_summary(crops_made['crops'])}")
         return crops
@@ -193,9 +198,16 @@ def background_stage(config: dict, stage: dict, data: Data, classifier_path: str
         identity = {'classifier': hashlib.file_digest(f, 'sha256').hexdigest()[:8],
                     **{k: config[k] for k in FINETUNE_KEYS}}
     path, results = train_stage('background', finetune_config, identity, make_crops,
-                                lambda c, d: detect.with_background(load_model(classifier_path)[0]))
-    return load_model(path)[0], {'checkpoint': path, 'crop_test_acc': results.get('test_acc'),
+                                lambda c, d: finetune_model(classifier_path, geometry, margin))
+    return load_model(path)[0], {'checkpoint': path, 'crop_test_acc': results.get('test_acc'), 'context_px': margin,
                                  'train_seconds': results.get('train_seconds'), **(crops_made or {'reused': True})}
+
+
+def finetune_model(classifier_path: str, geometry: detect.Geometry, margin: int) -> nn.Module:
+    """Track B's starting point: the classifier with a background output, set to see its window's
+    surroundings when the fine-tune is in context (margin > 0)."""
+    model = detect.with_background(load_model(classifier_path)[0])
+    return detect.in_context(model, geometry) if margin else model
 
 
 # ---------------------------------------------------------------------------------------------

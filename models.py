@@ -140,6 +140,11 @@ class CNN(nn.Module):
     BatchNorm's weight starts at 1/sqrt(depth), the scaling SkipMLP gives its branches'
     last layer (BatchNorm makes the conv's own scale irrelevant). 'torch': PyTorch's default.
 
+    window_cells=[b, n] (exercise 2.2's fine-tune in context): the pooling averages only the n x n
+    final cells from cell b on each axis, so the net classifies the window its input's margin
+    surrounds (b cells = 8b px at output stride 8) while seeing the pixels around it, as the fully
+    convolutional net on a canvas does; None pools every cell (the plain classifier).
+
     Head: global average pooling, then one Linear. For CAM (exercise 2.3):
       model.features    nn.Sequential of all stages; its output is the final maps A, (B, K, h, w)
       model.classifier  the nn.Linear(K, num_classes) applied after global average pooling
@@ -147,7 +152,7 @@ class CNN(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, widths: list[int], depth: int = 1,
                  variant: str = 'residual', kernel_size: int = 3, stride: int = 1, padding: int = 1,
-                 dropout: float = 0.0, init: str = 'torch'):
+                 dropout: float = 0.0, init: str = 'torch', window_cells: list[int] | None = None):
         super().__init__()
         if variant not in ('plain', 'residual'):
             raise ValueError(f"variant must be 'plain' or 'residual', got {variant!r}")
@@ -155,6 +160,9 @@ class CNN(nn.Module):
         self.args = dict(in_channels=in_channels, num_classes=num_classes, widths=list(widths), depth=depth,
                          variant=variant, kernel_size=kernel_size, stride=stride, padding=padding,
                          dropout=dropout, init=init)
+        self.window_cells = list(window_cells) if window_cells else None
+        if self.window_cells:  # only then in args: checkpoints of plain classifiers keep their args
+            self.args['window_cells'] = self.window_cells
         from torchvision.models.resnet import BasicBlock  # lazy: torchvision is slow to import
 
         def conv_bn_relu(c_in: int, c_out: int, k: int = 3, s: int = 1, p: int = 1) -> list[nn.Module]:
@@ -183,6 +191,9 @@ class CNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
         a = self.features(x)  # (B, K, h, w): the maps CAM weighs with classifier.weight
+        if self.window_cells:
+            b, n = self.window_cells
+            a = a[..., b:b + n, b:b + n]
         return self.classifier(self.pool(a))
 
 
