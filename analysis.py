@@ -1,15 +1,16 @@
 """Exercise 2.1's analyses of one plain or residual net (models.MLP / SkipMLP / CNN):
 
   lesion      delete blocks at test time and measure accuracy (Veit, Wilber and Belongie,
-              NeurIPS 2016, "Residual networks behave like ensembles of relatively shallow networks")
+              NeurIPS 2016, "Residual networks behave like ensembles of relatively shallow networks"),
+              optionally with BatchNorm statistics re-estimated after each lesion (recalibrated)
   landscape   the training loss along random filter-normalised directions around the weights
               (Li, Xu, Taylor, Studer and Goldstein, NeurIPS 2018, "Visualizing the loss landscape")
   shattering  the input gradient along a line of inputs and its autocorrelation (Balduzzi et al.,
               ICML 2017, "The shattered gradients problem")
 
-The gradient norms per layer are study.grad_norms. Every analysis takes the model and a
-dataset.Split and evaluates in eval mode; the plot_* functions draw their records (one figure per
-analysis); exercise_2_1.py picks the cells.
+The gradient norms per layer are study.grad_norms (plot_grad_profiles draws them); the init
+controls are controls.py. Every analysis takes the model and a dataset.Split and evaluates in eval
+mode; the plot_* functions draw their records (one figure per analysis); exercise_2_1.py picks the cells.
 """
 from __future__ import annotations
 
@@ -265,6 +266,9 @@ def plot_lesion(lesion: dict, title: str) -> Figure:
             ks = [int(k) for k in r['k_blocks']]
             right.plot(ks, [100 * a for a in r['k_blocks'].values()], style, marker='o', color=colors[int(d)],
                        label=f'{m} {d}')
+            if 'recalibrated' in r:  # BatchNorm statistics re-estimated after each lesion
+                right.plot(ks, [100 * a for a in r['recalibrated']['k_blocks'].values()], ':', marker='x',
+                           color=colors[int(d)], label=f'{m} {d}, BN re-estimated')
     left.set_xlabel('position of the deleted block (0 = input, 1 = output)')
     left.set_ylabel('test accuracy (%)')
     left.set_title('one block deleted')
@@ -274,7 +278,7 @@ def plot_lesion(lesion: dict, title: str) -> Figure:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     right.legend(fontsize=7, ncol=2)
-    fig.suptitle(f'lesion study ({title}); solid residual, dashed plain')
+    fig.suptitle(f'lesion study ({title}); solid residual, dashed plain, dotted: BatchNorm re-estimated')
     fig.tight_layout()
     return fig
 
