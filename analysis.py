@@ -1,15 +1,16 @@
 """Exercise 2.1's analyses of one plain or residual net (models.MLP / SkipMLP / CNN):
 
   lesion      delete blocks at test time and measure accuracy (Veit, Wilber and Belongie,
-              NeurIPS 2016, "Residual networks behave like ensembles of relatively shallow networks")
+              NeurIPS 2016, "Residual networks behave like ensembles of relatively shallow networks"),
+              optionally with BatchNorm statistics re-estimated after each lesion (recalibrated)
   landscape   the training loss along random filter-normalised directions around the weights
               (Li, Xu, Taylor, Studer and Goldstein, NeurIPS 2018, "Visualizing the loss landscape")
   shattering  the input gradient along a line of inputs and its autocorrelation (Balduzzi et al.,
               ICML 2017, "The shattered gradients problem")
 
-The gradient norms per layer are study.grad_norms. Every analysis takes the model and a
-dataset.Split and evaluates in eval mode; the plot_* functions draw their records (one figure per
-analysis); exercise_2_1.py picks the cells.
+The gradient norms per layer are study.grad_norms (plot_grad_profiles draws them); the init
+controls are controls.py. Every analysis takes the model and a dataset.Split and evaluates in eval
+mode; the plot_* functions draw their records (one figure per analysis); exercise_2_1.py picks the cells.
 """
 from __future__ import annotations
 
@@ -76,29 +77,39 @@ def deleted(units: list[list[nn.Module]]) -> Iterator[None]:
             h.remove()
 
 
-def lesion_study(model: nn.Module, split: Split, draws: int, generator: torch.Generator) -> dict:
+def lesion_study(model: nn.Module, split: Split, draws: int, generator: torch.Generator,
+                 calibration: Tensor | None = None) -> dict:
     """{'intact': acc, 'one_block': [acc with block i deleted], 'k_blocks': {k: mean acc over `draws`
-    random sets of k deleted blocks}} for k = 1 (the mean of one_block), 2, 4, ... and all blocks."""
-    def acc() -> float:
-        return evaluate(model, split)['acc']
+    random sets of k deleted blocks}} for k = 1 (the mean of one_block), 2, 4, ... and all blocks.
+    calibration (a normalised input batch), for a model with BatchNorm: also 'recalibrated', the same
+    three with the running statistics re-estimated on it after each lesion (recalibrated())."""
+    def acc(units_deleted: list[list[nn.Module]]) -> tuple[float, float]:  # (as trained, recalibrated)
+        with deleted(units_deleted):
+            raw = evaluate(model, split)['acc']
+            if calibration is None:
+                return raw, raw
+            with recalibrated(model, calibration):
+                return raw, evaluate(model, split)['acc']
 
     units = lesion_units(model)
-    intact = acc()
-    one_block = []
-    for unit in units:
-        with deleted([unit]):
-            one_block.append(acc())
-    k_blocks = {'1': sum(one_block) / len(one_block)} if units else {}
+    intact = acc([])
+    one_block = [acc([unit]) for unit in units]
+    k_blocks = {'1': [sum(a[i] for a in one_block) / len(one_block) for i in (0, 1)]} if units else {}
     ks = [2 ** i for i in range(1, len(units).bit_length()) if 2 ** i < len(units)] + [len(units)] * (len(units) > 1)
     for k in ks:
         accs = []
         for _ in range(draws if k < len(units) else 1):  # all blocks: one way to pick them
             pick = torch.randperm(len(units), generator=generator)[:k].tolist()
-            with deleted([units[i] for i in pick]):
-                accs.append(acc())
-        k_blocks[str(k)] = sum(accs) / len(accs)
-    return {'intact': intact, 'one_block': one_block, 'k_blocks': k_blocks, 'blocks': len(units),
-            'samples': len(split)}
+            accs.append(acc([units[i] for i in pick]))
+        k_blocks[str(k)] = [sum(a[i] for a in accs) / len(accs) for i in (0, 1)]
+
+    def column(i: int) -> dict:
+        return {'intact': intact[i], 'one_block': [a[i] for a in one_block],
+                'k_blocks': {k: a[i] for k, a in k_blocks.items()}}
+    record = {**column(0), 'blocks': len(units), 'samples': len(split)}
+    if calibration is not None:
+        record['recalibrated'] = {**column(1), 'calibration_samples': len(calibration)}
+    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,22 +174,43 @@ def _restore(model: nn.Module, base: list[Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Shattered gradients
 
+def batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
 def calibrate_batchnorm(model: nn.Module, x: Tensor) -> None:
     """Set every BatchNorm's running statistics to those of batch x (a fresh model's are 0 and 1,
-    which would make eval mode meaningless at initialisation)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    which would make eval mode meaningless at initialisation); parameters are not touched."""
+    norms = batchnorms(model)
     if not norms:
         return
-    was_training = model.training
+    was_training, momenta = model.training, [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: after one batch, exactly its statistics
     model.train()
     model(x)
-    for m in norms:
-        m.momentum = 0.1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
     model.train(was_training)
+
+
+@contextmanager
+def recalibrated(model: nn.Module, x: Tensor) -> Iterator[None]:
+    """Within the block, every BatchNorm's running statistics are batch x's, through the model as it
+    is then (lesion hooks included); on exit the previous statistics come back."""
+    norms = batchnorms(model)
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    calibrate_batchnorm(model, x)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
 
 
 def line_gradient(model: nn.Module, x0: Tensor, x1: Tensor, cls: int, points: int) -> Tensor:
@@ -202,7 +234,7 @@ def autocorrelation(g: Tensor, max_lag: int) -> list[float]:
 def shattering(model: nn.Module, split: Split, lines: int, points: int, max_lag: int) -> dict:
     """Gradients along `lines` lines between consecutive images of split (image 2i to 2i + 1, the
     logit of image 2i's class), in eval mode. 'lag1': mean rho(1); 'autocorr': mean rho(k);
-    'example': g(t) of the first line, divided by its largest |g|."""
+    'lag1_lines': rho(1) of each line; 'example': g(t) of the first line, divided by its largest |g|."""
     model.eval()
     x = split.normalize(split.x[:2 * lines])
     rhos, example = [], None
@@ -212,7 +244,8 @@ def shattering(model: nn.Module, split: Split, lines: int, points: int, max_lag:
         if example is None:
             example = (g / g.abs().max().clamp_min(1e-30)).tolist()
     mean = [sum(r[k] for r in rhos) / len(rhos) for k in range(max_lag + 1)]
-    return {'lag1': mean[1], 'autocorr': mean, 'example': example, 'lines': lines, 'points': points}
+    return {'lag1': mean[1], 'lag1_lines': [r[1] for r in rhos], 'autocorr': mean, 'example': example,
+            'lines': lines, 'points': points}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +266,9 @@ def plot_lesion(lesion: dict, title: str) -> Figure:
             ks = [int(k) for k in r['k_blocks']]
             right.plot(ks, [100 * a for a in r['k_blocks'].values()], style, marker='o', color=colors[int(d)],
                        label=f'{m} {d}')
+            if 'recalibrated' in r:  # BatchNorm statistics re-estimated after each lesion
+                right.plot(ks, [100 * a for a in r['recalibrated']['k_blocks'].values()], ':', marker='x',
+                           color=colors[int(d)], label=f'{m} {d}, BN re-estimated')
     left.set_xlabel('position of the deleted block (0 = input, 1 = output)')
     left.set_ylabel('test accuracy (%)')
     left.set_title('one block deleted')
@@ -242,60 +278,106 @@ def plot_lesion(lesion: dict, title: str) -> Figure:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     right.legend(fontsize=7, ncol=2)
-    fig.suptitle(f'lesion study ({title}); solid residual, dashed plain')
+    fig.suptitle(f'lesion study ({title}); solid residual, dashed plain, dotted: BatchNorm re-estimated')
     fig.tight_layout()
     return fig
 
 
+def landscape_panels(land: dict) -> list[tuple[str, str, str, dict]]:
+    """(stage, model, depth, record) for each slice of an analyse_landscape record: the trained
+    weights' slices at land[model][depth], the initial weights' (if any) at land['init'][model][depth]."""
+    stages = [('trained', {m: v for m, v in land.items() if m != 'init'})]
+    stages += [('init', land['init'])] if 'init' in land else []
+    return [(stage, m, d, r) for stage, by_model in stages for m, by_depth in by_model.items()
+            for d, r in sorted(by_depth.items(), key=lambda item: int(item[0]))]
+
+
 def plot_landscape_1d(land: dict, title: str) -> Figure:
-    """Training loss along each 1-D direction, one panel per depth, plain and residual together."""
+    """Training loss along each 1-D direction: one panel per (stage, depth), trained weights on top,
+    initial weights below, plain and residual together, one y scale for all panels."""
     plt = pyplot()
-    depths = sorted({int(d) for by_depth in land.values() for d in by_depth})
-    fig, axes = plt.subplots(1, len(depths), figsize=(4.5 * len(depths), 3.5), squeeze=False, sharey=True)
-    for ax, d in zip(axes[0], depths):
-        for m, color in (('plain', 'C0'), ('residual', 'C1')):
-            r = land[m][str(d)]
-            for i, curve in enumerate(r['curves']):
-                ax.plot(r['alphas'], curve, color=color, alpha=0.8, label=m if i == 0 else None)
+    panels = landscape_panels(land)
+    stages = list(dict.fromkeys(p[0] for p in panels))
+    depths = sorted({int(p[2]) for p in panels})
+    fig, axes = plt.subplots(len(stages), len(depths), figsize=(4.5 * len(depths), 3.5 * len(stages)),
+                             squeeze=False, sharey=True)
+    colors = {'plain': 'C0', 'residual': 'C1'}
+    for stage, m, d, r in panels:
+        ax = axes[stages.index(stage)][depths.index(int(d))]
+        for i, curve in enumerate(r['curves']):
+            ax.plot(r['alphas'], curve, color=colors.get(m, 'C2'), alpha=0.8, label=m if i == 0 else None)
         ax.set_yscale('log')
-        ax.set_title(f'depth {d}')
+        ax.set_title(f'depth {d}, {stage} weights')
         ax.set_xlabel('step along a filter-normalised direction')
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel('training loss')
-    axes[0][0].legend()
-    fig.suptitle(f'1-D loss slices ({title})')
+    for row in axes:
+        row[0].set_ylabel('training loss')
+        row[0].legend()
+    fig.suptitle(f'1-D loss slices ({title}); one y scale for all panels')
     fig.tight_layout()
     return fig
 
 
 def plot_landscape_2d(land: dict, title: str, surface: bool = False) -> Figure:
-    """The 2-D slice of each (model, depth): contour lines of the loss (log-spaced, from the lowest loss
-    to 10^4 x it), or a 3-D surface of log10 loss."""
+    """The 2-D slice of each (stage, model, depth), rows plain / residual (trained, then init):
+    contour lines of the loss on ONE log scale for every panel (13 levels from the lowest loss of any
+    panel to 10^4 x it), or a 3-D surface of log10 loss with one z range."""
     import numpy as np
     from matplotlib.colors import LogNorm
     plt = pyplot()
-    depths = sorted({int(d) for by_depth in land.values() for d in by_depth})
-    fig = plt.figure(figsize=(4.2 * len(depths), 3.8 * len(land)))
-    for i, m in enumerate(land):  # plain, residual: one row each
-        for j, d in enumerate(depths):
-            r = land[m][str(d)]
-            a = np.array(r['axis'])
-            X, Y = np.meshgrid(a, a)
-            Z = np.array(r['surface'])
-            if surface:
-                ax = fig.add_subplot(len(land), len(depths), i * len(depths) + j + 1, projection='3d')
-                ax.plot_surface(X, Y, np.log10(Z), cmap='viridis', linewidth=0)
-                ax.set_zlabel('log10 loss')
-            else:
-                ax = fig.add_subplot(len(land), len(depths), i * len(depths) + j + 1)
-                low = max(Z.min(), 1e-3)  # levels up to 10^4 x the lowest loss: plain nets reach 10^20
-                levels = np.geomspace(low, max(min(Z.max(), 1e4 * low), 1.01 * low), 13)
-                cs = ax.contour(X, Y, Z, levels=levels, cmap='viridis', norm=LogNorm())
-                ax.clabel(cs, fontsize=6, fmt='%.2g')
-                ax.plot(0, 0, 'k+')
-                ax.set_aspect('equal')
-            ax.set_title(f'{m}, depth {d}')
-    fig.suptitle(f"2-D loss slices ({title}){'; z = log10 loss' if surface else ''}")
+    panels = landscape_panels(land)
+    rows = list(dict.fromkeys((p[0], p[1]) for p in panels))
+    depths = sorted({int(p[2]) for p in panels})
+    surfaces = [np.array(p[3]['surface']) for p in panels]
+    low = max(min(z.min() for z in surfaces), 1e-3)  # plain nets reach 10^20: cap the scale at 10^4 x the lowest
+    high = max(min(max(z.max() for z in surfaces), 1e4 * low), 1.01 * low)
+    levels = np.geomspace(low, high, 13)
+    fig = plt.figure(figsize=(4.2 * len(depths), 3.8 * len(rows)))
+    for (stage, m, d, r), Z in zip(panels, surfaces):
+        a = np.array(r['axis'])
+        X, Y = np.meshgrid(a, a)
+        index = rows.index((stage, m)) * len(depths) + depths.index(int(d)) + 1
+        if surface:
+            ax = fig.add_subplot(len(rows), len(depths), index, projection='3d')
+            ax.plot_surface(X, Y, np.log10(np.clip(Z, low, high)), cmap='viridis', linewidth=0,
+                            vmin=np.log10(low), vmax=np.log10(high))
+            ax.set_zlim(np.log10(low), np.log10(high))
+            ax.set_zlabel('log10 loss')
+        else:
+            ax = fig.add_subplot(len(rows), len(depths), index)
+            cs = ax.contour(X, Y, Z, levels=levels, cmap='viridis', norm=LogNorm(low, high))
+            ax.clabel(cs, fontsize=6, fmt='%.2g')
+            ax.plot(0, 0, 'k+')
+            ax.set_aspect('equal')
+        ax.set_title(f'{m}, depth {d}, {stage}')
+    scale = f'one scale for all panels: {low:.2g} to {high:.2g}'
+    fig.suptitle(f"2-D loss slices ({title}); {'z = log10 loss, clipped to ' if surface else 'contours on '}{scale}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_grad_profiles(records: list[dict], title: str) -> Figure:
+    """||dL/dW|| * ||W|| (study.grad_norms' scale_free) by layer index: one panel per (stage, depth),
+    plain (dashed) and residual (solid) on the same axis, one log y scale for every panel."""
+    plt = pyplot()
+    stages = list(dict.fromkeys(r['stage'] for r in records))
+    depths = sorted({r['depth'] for r in records})
+    fig, axes = plt.subplots(len(stages), len(depths), figsize=(2.8 * len(depths), 3 * len(stages)),
+                             squeeze=False, sharey=True)
+    for r in records:
+        ax = axes[stages.index(r['stage'])][depths.index(r['depth'])]
+        values = [max(n['scale_free'], 1e-30) for n in r['norms']]  # log axis: exact zeros at the floor
+        style = {'plain': 'C0--', 'residual': 'C1-'}.get(r['model'], 'C2:')
+        ax.plot(range(len(values)), values, style, label=r['model'])
+        ax.set_yscale('log')
+        ax.set_title(f"depth {r['depth']}, {r['stage']}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for row in axes:
+        row[0].set_ylabel('||dL/dW|| * ||W||')
+    for ax in axes[-1]:
+        ax.set_xlabel('layer (input -> classifier)')
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f'{title}; one y scale for every panel')
     fig.tight_layout()
     return fig
 

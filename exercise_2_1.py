@@ -3,7 +3,8 @@
 Takes the plain and residual cells of exercise 1.2's study (--study mlp) or 1.3's (--study cnn)
 with exactly their settings (finished cells reused, missing ones trained by study.run_study) and
 runs four analyses (--part; analysis.py): gradient norms per layer, lesions (Veit et al. 2016),
-loss-landscape slices (Li et al. 2018) and shattered gradients (Balduzzi et al. 2017). Writes
+loss-landscape slices (Li et al. 2018) and shattered gradients (Balduzzi et al. 2017), and their
+controls (controls.py: the same nets at init without the residual branch scaling, or orthogonal). Writes
 <runs_dir>/exercise_2_1/<study>-<id>/results.json (one entry per part, kept across runs of other
 parts) and one figure per part. What each analysis measures, and the results: docs/exercise_2_1.md.
 
@@ -16,31 +17,34 @@ parts) and one figure per part. What each analysis measures, and the results: do
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Callable
 
 import torch
 from torch import nn
 
 import exercise_1_2
 import exercise_1_3
-from analysis import (calibrate_batchnorm, head, landscape, lesion_study, plot_landscape_1d, plot_landscape_2d,
-                      plot_lesion, plot_shattering, shattering)
+from analysis import (batchnorms, calibrate_batchnorm, head, landscape, lesion_study, plot_grad_profiles,
+                      plot_landscape_1d, plot_landscape_2d, plot_lesion, plot_shattering, shattering)
 from config import UserError, cli
+from controls import branch_ratios, orthogonal_init, plot_controls, unscale_branches
 from dataset import Data, dataset_names, load_data
 from device import pick_device
 from evaluate import load_model
 from files import save_figure, write_json
-from study import cell_config, cell_dir, cell_id, gradient_study, plot_grad_norms, print_grad_summary, run_study
+from study import cell_config, cell_dir, cell_id, grad_norms, gradient_study, print_grad_summary, run_study
 
 EXERCISE = 'exercise_2_1'
-PARTS = ('grads', 'lesion', 'landscape', 'shattering')
+PARTS = ('grads', 'lesion', 'landscape', 'shattering', 'controls')
 STUDIES = {'mlp': exercise_1_2, 'cnn': exercise_1_3}
 MODELS = ('plain', 'residual')
 
 config = {
-    'part': 'all',                  # grads | lesion | landscape | shattering | all
+    'part': 'all',                  # grads | lesion | landscape | shattering | controls | all
     'study': 'mlp',                 # mlp: exercise 1.2's cells (MLP / SkipMLP) | cnn: exercise 1.3's (plain / residual CNN)
     'settings': {},                 # keys of that exercise's config for its study cells, e.g. {'study_epochs': 5}; its defaults otherwise
     'depths': [],                   # depths analysed (cells trained if missing); [] = the exercise's study depths
@@ -56,6 +60,8 @@ config = {
     'seed': 0,                      # draws of the analyses: lesioned blocks, directions, lines (not the cells' seed)
     'samples': 2000,                # test images per lesion evaluation (the first ones)
     'lesion_draws': 5,              # random sets of k deleted blocks averaged per k
+    'ratio_samples': 500,           # validation images for ||branch(x)|| / ||x|| per residual block
+    'bn_samples': 512,              # training images that re-estimate BatchNorm statistics after a lesion
     'landscape_samples': 1000,      # training images per landscape loss (the first ones)
     'landscape_dirs': 3,            # 1-D slices, each along its own direction
     'landscape_points': 21,         # steps of each 1-D slice in [-1, 1] (filter-normalised units)
@@ -67,7 +73,8 @@ config = {
 }
 # passed on to the cells (the settings key may not set them: one place per key)
 TO_CELLS = ('dataset', 'subset', 'data_dir', 'device', 'runs_dir', 'wandb')
-SMOKE = {'dataset': 'digits', 'subset': 256, 'samples': 64, 'landscape_samples': 64, 'landscape_dirs': 1,
+SMOKE = {'dataset': 'digits', 'subset': 256, 'samples': 64, 'ratio_samples': 32, 'bn_samples': 32,
+         'landscape_samples': 64, 'landscape_dirs': 1,
          'landscape_points': 3, 'landscape_grid': 3, 'lines': 2, 'line_points': 16, 'max_lag': 4}
 SMOKE_SETTINGS = {'mlp': {'study_width': 16, 'study_epochs': 1, 'max_steps': 3, 'depths': [2, 4]},
                   'cnn': {'study_widths': [4, 8, 8], 'study_epochs': 1, 'max_steps': 2, 'batch_size': 32,
@@ -104,6 +111,7 @@ class Cells:
     landscape_depths: list[int]
     data: Data
     trained: dict[tuple[str, int], nn.Module]  # (model, depth) -> the cell's best.pt, eval mode
+    configs: dict[tuple[str, int], dict]       # (model, depth) -> the config in that checkpoint
     generator: torch.Generator      # the analyses' draws (config['seed'])
     title: str                      # figure titles: dataset and study
     out: str                        # the folder of results.json and the figures
@@ -119,43 +127,76 @@ def load_cells(config: dict, study: dict, depths: list[int], landscape_depths: l
                                                                    'clean_train_acc', 'params')} for r in rows}
     data = load_data(study, device)
     generator = torch.Generator().manual_seed(config['seed'])
-    trained = {(m, d): load_model(os.path.join(cell_dir(module.EXERCISE, cell_config(study, m, d)),
-                                               'checkpoints', 'best.pt'))[0].to(device).eval()
-               for d in depths for m in MODELS}
-    cells = Cells(module, study, depths, landscape_depths, data, trained, generator,
+    checkpoints = {(m, d): load_model(os.path.join(cell_dir(module.EXERCISE, cell_config(study, m, d)),
+                                                   'checkpoints', 'best.pt')) for d in depths for m in MODELS}
+    trained = {key: model.to(device).eval() for key, (model, _) in checkpoints.items()}
+    configs = {key: ckpt.config for key, (_, ckpt) in checkpoints.items()}
+    cells = Cells(module, study, depths, landscape_depths, data, trained, configs, generator,
                   f"{study['dataset']}, {config['study']} study", out_dir_of(config, study))
     return cells, summary
 
 
 # ---------------------------------------------------------------------------------------------
-# The four analyses: each returns its record and saves its figures in cells.out
+# The analyses: each returns its record and saves its figures in cells.out
+
+def initial_model(cells: Cells, model: str, depth: int, change: Callable[[nn.Module], nn.Module] | None = None
+                  ) -> nn.Module:
+    """The cell's own initial weights, rebuilt from its checkpoint's config and seed (as gradient_study
+    does), `change` applied (a control's init), BatchNorm statistics from the first training batch; eval mode."""
+    cell = cells.configs[model, depth]
+    torch.manual_seed(cell['seed'])  # as Run does before the script builds the model
+    net = cells.module.build_model(cell, cells.data).to(cells.data.train.x.device)
+    if change is not None:
+        change(net)
+    train = cells.data.train
+    calibrate_batchnorm(net, train.normalize(train.x[:cells.study['batch_size']]))
+    return net.eval()
+
 
 def analyse_grads(cells: Cells, config: dict) -> list[dict]:
     records = gradient_study(cells.module.EXERCISE, cells.study, cells.module.build_model, depths=cells.depths)
     print_grad_summary(records)
-    save_figure(plot_grad_norms(records, title=f'||dL/dW|| * ||W|| per layer, one batch ({cells.title})'),
+    save_figure(plot_grad_profiles(records, title=f'||dL/dW|| * ||W|| per layer, one batch ({cells.title})'),
                 os.path.join(cells.out, 'grad_norms.png'))
     return records
 
 
 def analyse_lesion(cells: Cells, config: dict) -> dict:
-    test = head(cells.data.test, config['samples'])
-    record = {m: {str(d): lesion_study(cells.trained[m, d], test, config['lesion_draws'], cells.generator)
-                  for d in cells.depths} for m in MODELS}
+    """Lesions of the trained cells; BatchNorm nets also with statistics re-estimated after each lesion;
+    residual cells also ||branch(x)|| / ||x|| per block on validation images."""
+    test, train, val = head(cells.data.test, config['samples']), cells.data.train, cells.data.val
+    bn_batch = train.normalize(train.x[:config['bn_samples']])
+    ratio_batch = val.normalize(val.x[:config['ratio_samples']])
+    record: dict = {m: {} for m in MODELS}
+    for m in MODELS:
+        for d in cells.depths:
+            net = cells.trained[m, d]
+            r = lesion_study(net, test, config['lesion_draws'], cells.generator,
+                             calibration=bn_batch if batchnorms(net) else None)
+            if m == 'residual':
+                r['branch_ratio'] = branch_ratios(net, ratio_batch)
+                r['ratio_samples'] = len(ratio_batch)
+            record[m][str(d)] = r
     print_lesion(record)
     save_figure(plot_lesion(record, cells.title), os.path.join(cells.out, 'lesion.png'))
     return record
 
 
 def analyse_landscape(cells: Cells, config: dict) -> dict:
+    """{model: {depth: slices around the trained weights}, 'init': {model: {depth: the same around the
+    cell's initial weights}}}: a wall that is there at init comes from the architecture, not the minimum."""
     train = head(cells.data.train, config['landscape_samples'])
-    record = {m: {str(d): landscape(cells.trained[m, d], train, config['landscape_dirs'], config['landscape_points'],
-                                    config['landscape_grid'], cells.generator)
-                  for d in cells.landscape_depths} for m in MODELS}
-    for m in MODELS:
-        for d, r in record[m].items():
-            print(f"landscape {m:>8} depth {d:>3}: loss {r['loss0']:.4f}, mean rise at step 0.5 "
-                  f"{r['rise'].get('0_5', float('nan')):.4f}, at 1 {r['rise']['1']:.4f}")
+
+    def slices(net: nn.Module) -> dict:
+        return landscape(net, train, config['landscape_dirs'], config['landscape_points'], config['landscape_grid'],
+                         cells.generator)
+    record: dict = {m: {str(d): slices(cells.trained[m, d]) for d in cells.landscape_depths} for m in MODELS}
+    record['init'] = {m: {str(d): slices(initial_model(cells, m, d)) for d in cells.landscape_depths} for m in MODELS}
+    for stage, by_model in (('trained', record), ('init', record['init'])):
+        for m in MODELS:
+            for d, r in by_model[m].items():
+                print(f"landscape {stage:>7} {m:>8} depth {d:>3}: loss {r['loss0']:.4f}, mean rise at step 0.5 "
+                      f"{r['rise'].get('0_5', float('nan')):.4g}, at 1 {r['rise']['1']:.4g}")
     save_figure(plot_landscape_1d(record, cells.title), os.path.join(cells.out, 'landscape_1d.png'))
     save_figure(plot_landscape_2d(record, cells.title), os.path.join(cells.out, 'landscape_contour.png'))
     save_figure(plot_landscape_2d(record, cells.title, surface=True), os.path.join(cells.out, 'landscape_surface.png'))
@@ -164,19 +205,12 @@ def analyse_landscape(cells: Cells, config: dict) -> dict:
 
 def analyse_shattering(cells: Cells, config: dict) -> dict:
     test = head(cells.data.test, 2 * config['lines'])
-    train = cells.data.train
-    calibration = train.normalize(train.x[:cells.study['batch_size']])
     record: dict = {}
     for stage in ('init', 'trained'):
         record[stage] = {m: {} for m in MODELS}
         for d in cells.depths:
             for m in MODELS:
-                model = cells.trained[m, d]
-                if stage == 'init':  # the cell's own initial weights, as gradient_study rebuilds them
-                    cell = cell_config(cells.study, m, d)
-                    torch.manual_seed(cell['seed'])
-                    model = cells.module.build_model(cell, cells.data).to(train.x.device)
-                    calibrate_batchnorm(model, calibration)
+                model = cells.trained[m, d] if stage == 'trained' else initial_model(cells, m, d)
                 record[stage][m][str(d)] = shattering(model, test, config['lines'], config['line_points'],
                                                       config['max_lag'])
     print_shattering(record)
@@ -184,8 +218,33 @@ def analyse_shattering(cells: Cells, config: dict) -> dict:
     return record
 
 
+# the init controls: variant -> (cell, change to its initial weights); see controls.py
+CONTROLS = {'plain': ('plain', None), 'plain_orthogonal': ('plain', orthogonal_init),
+            'residual': ('residual', None), 'residual_unscaled': ('residual', unscale_branches)}
+
+
+def analyse_controls(cells: Cells, config: dict) -> dict:
+    """At init, for the cells' own inits and the controls: {'grads': {variant: {depth: [||dL/dW|| * ||W||
+    per layer]}}, 'shattering': {variant: {depth: shattering() without its example}}}, the gradients as
+    gradient_study takes them (first training batch, train mode, the cell's label smoothing)."""
+    train, test = cells.data.train, head(cells.data.test, 2 * config['lines'])
+    x, y = train.normalize(train.x[:cells.study['batch_size']]), train.y[:cells.study['batch_size']]
+    record: dict = {'grads': {v: {} for v in CONTROLS}, 'shattering': {v: {} for v in CONTROLS}}
+    for d in cells.depths:
+        for variant, (m, change) in CONTROLS.items():
+            net = initial_model(cells, m, d, change)
+            torch.manual_seed(0)  # as gradient_study: the same dropout masks, if any
+            norms = grad_norms(net.train(), x, y, cells.configs[m, d]['label_smoothing'])
+            record['grads'][variant][str(d)] = [n['scale_free'] for n in norms]
+            r = shattering(net, test, config['lines'], config['line_points'], config['max_lag'])
+            record['shattering'][variant][str(d)] = {k: v for k, v in r.items() if k != 'example'}
+    print_shattering({'init': record['shattering']})
+    save_figure(plot_controls(record, cells.title), os.path.join(cells.out, 'controls.png'))
+    return record
+
+
 ANALYSES = {'grads': analyse_grads, 'lesion': analyse_lesion, 'landscape': analyse_landscape,
-            'shattering': analyse_shattering}
+            'shattering': analyse_shattering, 'controls': analyse_controls}
 
 
 def main(config: dict, overrides: dict) -> None:
@@ -223,6 +282,14 @@ def print_lesion(lesion: dict) -> None:
             ks = '  '.join(f"{k}: {100 * a:.1f}" for k, a in r['k_blocks'].items())
             one = r['one_block'] or [float('nan')]
             print(f"{m:>9} {d:>5} {100 * r['intact']:7.2f} {100 * sum(one) / len(one):15.2f} {100 * min(one):6.2f}   {ks}")
+            if 'recalibrated' in r:
+                bn = r['recalibrated']
+                print(f"{'':>9} {'':>5} {100 * bn['intact']:7.2f} {100 * bn['k_blocks'].get('1', math.nan):15.2f} "
+                      f"{100 * min(bn['one_block'] or [math.nan]):6.2f}   (BatchNorm statistics re-estimated)")
+            if r.get('branch_ratio'):
+                ratios = r['branch_ratio']
+                print(f"{'':>9} {'':>5} ||branch(x)|| / ||x|| per block: min {min(ratios):.3f}, "
+                      f"median {sorted(ratios)[len(ratios) // 2]:.3f}, max {max(ratios):.3f}")
 
 
 def print_shattering(shatter: dict) -> None:

@@ -4,6 +4,7 @@ CPU only, no network; a few seconds, most of it the two smoke runs on scikit-lea
 """
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -11,11 +12,14 @@ from torch import nn
 
 import exercise_1_2
 import exercise_2_1
-from analysis import (autocorrelation, deleted, filter_normalized_direction, landscape, lesion_study,
-                      lesion_units, line_gradient)
+from analysis import (autocorrelation, calibrate_batchnorm, deleted, filter_normalized_direction, head, landscape,
+                      lesion_study, lesion_units, line_gradient, recalibrated)
 from config import cli, parse_args
-from dataset import Split
+from controls import branch_ratios, unscale_branches
+from dataset import Split, load_data
+from evaluate import evaluate, load_model
 from models import CNN, MLP, SkipMLP
+from study import cell_config, cell_dir
 
 
 def split_of(x: torch.Tensor, y: torch.Tensor) -> Split:
@@ -69,6 +73,80 @@ def test_lesion_record_and_cnn_units():
     assert r['k_blocks']['1'] == pytest.approx(sum(r['one_block']) / 4)
     cnn = CNN(1, 3, [4, 8], depth=2, variant='residual')
     assert len(lesion_units(cnn)) == 4  # depth blocks per stage
+
+
+def test_branch_ratio_is_zero_for_a_zero_branch_and_positive_otherwise():
+    torch.manual_seed(0)
+    model = SkipMLP(12, [8] * 6, 3, init='he')
+    with torch.no_grad():
+        model.blocks[1].branch[-1].weight.zero_()
+        model.blocks[1].branch[-1].bias.zero_()
+    ratios = branch_ratios(model, torch.randn(5, 12))
+    assert len(ratios) == 3 and ratios[1] == 0 and ratios[0] > 0 and ratios[2] > 0
+    cnn = CNN(1, 3, [4, 8], depth=2, variant='residual', init='he')
+    for block in lesion_units(cnn)[:1]:
+        block[0].bn2.weight.data.zero_()  # a BasicBlock whose branch ends in a zero BatchNorm
+    ratios = branch_ratios(cnn, torch.randn(3, 1, 8, 8))
+    assert len(ratios) == 4 and ratios[0] == 0 and min(ratios[1:]) > 0
+
+
+def test_batchnorm_recalibration_changes_running_statistics_only_and_restores_them():
+    torch.manual_seed(0)
+    model = CNN(1, 3, [4, 8], depth=1, variant='residual', init='he').eval()
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    x = torch.randn(16, 1, 8, 8) * 3 + 1
+    with recalibrated(model, x):
+        assert not model.training
+        changed = [k for k, v in model.named_buffers() if not torch.equal(v, buffers[k])]
+        assert {k.rsplit('.', 1)[1] for k in changed} == {'running_mean', 'running_var', 'num_batches_tracked'}
+        assert all(torch.equal(v, params[k]) for k, v in model.named_parameters())
+        bn = model.features[0][1]
+        torch.testing.assert_close(bn.running_mean, model.features[0][0](x).mean((0, 2, 3)))
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    assert all(torch.equal(v, params[k]) for k, v in model.named_parameters())
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_lesion_with_recalibration_records_both_and_an_intact_net_recalibrated_on_its_own_stats_is_unchanged():
+    torch.manual_seed(0)
+    model = CNN(1, 3, [4], depth=2, variant='residual', init='he')
+    split = split_of(torch.randn(24, 1, 8, 8), torch.randint(0, 3, (24,)))
+    x = split.normalize(split.x)
+    calibrate_batchnorm(model, x)  # running statistics = x's: re-estimating them on x changes nothing
+    r = lesion_study(model, split, draws=2, generator=torch.Generator().manual_seed(0), calibration=x)
+    bn = r['recalibrated']
+    assert bn['intact'] == pytest.approx(r['intact']) and len(bn['one_block']) == len(r['one_block']) == 2
+    assert set(bn['k_blocks']) == set(r['k_blocks']) and bn['calibration_samples'] == 24
+    assert 'recalibrated' not in lesion_study(SkipMLP(64, [6] * 4, 3), split, 1, torch.Generator())
+
+
+# ---------------------------------------------------------------------------------------------
+# Init controls
+
+def test_unscaled_residual_net_differs_from_the_scaled_one_only_in_each_branchs_last_layer():
+    torch.manual_seed(3)
+    scaled = SkipMLP(12, [8] * 8, 3, init='he')
+    torch.manual_seed(3)
+    unscaled = unscale_branches(SkipMLP(12, [8] * 8, 3, init='he'))
+    last = {f'blocks.{i}.branch.{len(b.branch) - 1}.weight' for i, b in enumerate(scaled.blocks)}
+    for (name, p), q in zip(scaled.named_parameters(), unscaled.parameters()):
+        if name in last:
+            torch.testing.assert_close(q, p * 2)  # sqrt(4 blocks)
+        else:
+            assert torch.equal(p, q), name
+    torch.manual_seed(3)
+    cnn = CNN(1, 3, [4, 8], depth=4, variant='residual', init='he')
+    torch.manual_seed(3)
+    cnn_unscaled = unscale_branches(CNN(1, 3, [4, 8], depth=4, variant='residual', init='he'))
+    for (name, p), q in zip(cnn.named_parameters(), cnn_unscaled.parameters()):
+        if name.endswith('bn2.weight'):
+            assert torch.all(p == 0.5) and torch.all(q == 1), name
+        else:
+            assert torch.equal(p, q), name
+    torch.manual_seed(3)
+    default = SkipMLP(12, [8] * 8, 3)  # init='torch' scales nothing: nothing to undo
+    assert all(torch.equal(p, q) for p, q in zip(default.parameters(), unscale_branches(default).parameters()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +235,38 @@ def test_cnn_smoke_runs_every_part(tmp_path):
     results = json.loads((out / 'results.json').read_text())
     assert set(exercise_2_1.PARTS) <= set(results)
     assert set(results['shattering']) == {'init', 'trained'}
-    for name in ('grad_norms', 'lesion', 'landscape_1d', 'landscape_contour', 'landscape_surface', 'shattering'):
+    for name in ('grad_norms', 'lesion', 'landscape_1d', 'landscape_contour', 'landscape_surface', 'shattering',
+                 'controls'):
         assert (out / f'{name}.png').stat().st_size > 0, name
+    # the controls' and item 10's keys
+    deep = results['shattering']['trained']['residual']['2']
+    assert len(deep['lag1_lines']) == deep['lines'] and deep['lag1'] == pytest.approx(sum(deep['lag1_lines']) / 2)
+    assert set(results['landscape']['init']) == {'plain', 'residual'}
+    assert len(results['landscape']['residual']['2']['curves']) == 1  # the per-direction curves
+    for model in ('plain', 'residual'):
+        assert 'recalibrated' in results['lesion'][model]['2']
+    assert len(results['lesion']['residual']['2']['branch_ratio']) == 2 * 3  # blocks per stage x stages
+    assert set(results['controls']['grads']) == set(exercise_2_1.CONTROLS) == set(results['controls']['shattering'])
+    assert len(results['controls']['grads']['residual_unscaled']['2']) == len(results['controls']['grads']['residual']['2'])
+
+
+def test_init_landscape_is_taken_at_the_cells_initial_weights(tmp_path):
+    cli(exercise_2_1.main, exercise_2_1.config,
+        ['--smoke', 'True', '--part', 'landscape', '--depths', '[2]', '--runs_dir', str(tmp_path)])
+    (path,) = (tmp_path / 'exercise_2_1').glob('mlp-*/results.json')
+    land = json.loads(path.read_text())['landscape']
+    config = {**exercise_2_1.config, **exercise_2_1.SMOKE, 'smoke': True, 'depths': [2], 'runs_dir': str(tmp_path)}
+    study, _ = exercise_2_1.study_settings(config)
+    data = load_data(study, torch.device('cpu'))
+    train = head(data.train, exercise_2_1.SMOKE['landscape_samples'])
+    for model in ('plain', 'residual'):
+        best = os.path.join(cell_dir('exercise_1_2', cell_config(study, model, 2)), 'checkpoints', 'best.pt')
+        trained, ckpt = load_model(best)
+        torch.manual_seed(ckpt.config['seed'])
+        initial = exercise_1_2.build_model(ckpt.config, data)
+        assert land['init'][model]['2']['loss0'] == pytest.approx(evaluate(initial, train)['loss'], rel=1e-6)
+        assert land[model]['2']['loss0'] == pytest.approx(evaluate(trained, train)['loss'], rel=1e-6)
+        assert land[model]['2']['loss0'] != pytest.approx(land['init'][model]['2']['loss0'], rel=1e-3)
 
 
 def test_settings_must_be_keys_of_the_exercise(capsys):
