@@ -177,7 +177,7 @@ def test_grad_norms_use_the_training_loss_with_label_smoothing():
 
 def test_smoke_study_writes_outputs_then_skips_and_resumes(tmp_path, capsys):
     keys = dict(dataset='digits', subset=256, max_steps=3, study_epochs=2, depths=[2, 3],
-                study_width=16, wandb='off', runs_dir=str(tmp_path))
+                study_width=16, wandb='off', runs_dir=str(tmp_path), study_seeds=[0], study_lrs=[])  # one cell each
     overrides = parse_args(exercise_1_2.config, [f'--{k}={v}' for k, v in keys.items()])
     for part in ('study', 'grads'):  # 'single' is the same train_run as one study cell
         overrides['part'] = part
@@ -187,8 +187,8 @@ def test_smoke_study_writes_outputs_then_skips_and_resumes(tmp_path, capsys):
     for name in ('study.csv', 'study_acc.png', 'study_loss.png', 'grad_norms.png'):
         assert (out / name).stat().st_size > 0, name
     lines = (out / 'study.csv').read_text().splitlines()
-    assert lines[0] == ('model,depth,width,params,best_val_acc,test_acc,final_train_loss,clean_train_loss,'
-                        'clean_train_acc,train_seconds,cell')
+    assert lines[0] == ('model,depth,width,lr,seed,chosen,params,best_val_acc,test_acc,final_train_loss,'
+                        'clean_train_loss,clean_train_acc,train_seconds,cell')
     assert [tuple(r.split(',')[:3]) for r in lines[1:]] == [
         ('plain', '2', '16'), ('residual', '2', '16'), ('plain', '3', '16'), ('residual', '3', '16')]
     cells = [out / r.split(',')[-1] for r in lines[1:]]
