@@ -4,12 +4,18 @@ Shared by exercise 1.2 (MLP vs SkipMLP) and 1.3 (plain vs residual CNN). The exe
 `build_model(config, data)`, which reads config['model'] and config['depth'] (and whatever
 else it needs, e.g. config['width']); everything else is here:
 
-    rows = run_study('exercise_1_2', config, build_model, depths=[2, 4, 8])  # trains or skips
+    rows, summary = run_seeded_study('exercise_1_2', config, build_model, depths=[2, 4, 8],
+                                     seeds=[0, 1, 2], lrs=[3e-4, 1e-3, 3e-3])  # trains or skips
     write_csv(rows, 'runs/exercise_1_2/study.csv')
-    save_figure(plot_study(rows), 'runs/exercise_1_2/study_acc.png')
-    save_figure(plot_loss_curves(rows), 'runs/exercise_1_2/study_loss.png')
+    write_csv(summary, 'runs/exercise_1_2/study_summary.csv', SUMMARY_COLUMNS)
+    chosen = [r for r in rows if r['chosen']]          # the chosen lr's cells, one per seed
+    save_figure(plot_study(chosen), 'runs/exercise_1_2/study_acc.png')
+    save_figure(plot_loss_curves(chosen), 'runs/exercise_1_2/study_loss.png')
     records = gradient_study('exercise_1_2', config, build_model, depths=[2, 4, 8])
     save_figure(plot_grad_norms(records), 'runs/exercise_1_2/grad_norms.png')
+
+run_study(exercise, config, build_model, models, depths) is the one-seed, one-lr form: config's own
+seed and lr for every cell (exercise 2.1 reuses its cells).
 
 Every cell is an ordinary run (Run -> load_data -> build_model -> train -> report) named
 study-<model>-d<depth>-<id>, where <id> is a hash of every setting that shapes the cell's result
@@ -105,6 +111,12 @@ def check_grid(seeds: Sequence[int], lrs: Sequence[float]) -> None:
         raise UserError(f"--study_lrs must list distinct learning rates > 0 ([] = just --lr), got {list(lrs)!r}")
 
 
+def lr_grid(config: dict, lrs: Sequence[float]) -> list[float]:
+    """The learning rates a seeded study tries: `lrs` as floats (`--study_lrs [1]` is the cell of lr
+    1.0, not a digest of its own), [] = just config['lr']."""
+    return [float(lr) for lr in lrs] or [config['lr']]
+
+
 def choose_lr(grid: list[dict]) -> float:
     """The lr of the grid row with the best validation accuracy, a tie going to the smaller lr.
     Only best_val_acc is read: the test split never chooses anything."""
@@ -123,13 +135,12 @@ def run_seeded_study(exercise: str, config: dict, build_model: BuildModel,
     cells) and one summary row per (model, depth) over its chosen cells (summarise).
     """
     check_grid(seeds, lrs)
-    lrs = [float(lr) for lr in lrs]  # `--study_lrs [1]` is the cell of lr 1.0, not another digest
     rows, data = [], {}
     for depth in depths:
         for model in models:
             base = cell_config(config, model, depth)
             grid = [study_cell(exercise, {**base, 'lr': lr, 'seed': seeds[0]}, build_model, data)
-                    for lr in (lrs or [config['lr']])]
+                    for lr in lr_grid(config, lrs)]
             lr = choose_lr(grid)
             more = [study_cell(exercise, {**base, 'lr': lr, 'seed': seed}, build_model, data) for seed in seeds[1:]]
             rows += [{**r, 'chosen': r['lr'] == lr} for r in grid] + [{**r, 'chosen': True} for r in more]
@@ -165,7 +176,7 @@ def chosen_cells(exercise: str, config: dict, models: Sequence[str], depths: Seq
         for model in models:
             base = cell_config(config, model, depth)
             grid = []
-            for lr in lrs or [config['lr']]:
+            for lr in lr_grid(config, lrs):
                 path = os.path.join(cell_dir(exercise, {**base, 'lr': lr, 'seed': seeds[0]}), 'results.json')
                 if not os.path.exists(path):
                     raise UserError(f"{path} does not exist: run --part study with the same settings first")
