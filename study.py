@@ -30,6 +30,7 @@ only; every one of those runs is an ordinary cell as above. docs/exercise_1_2.md
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -130,21 +131,61 @@ def run_seeded_study(exercise: str, config: dict, build_model: BuildModel,
     """Per (model, depth): seeds[0] at every lr of `lrs` ([] = just config['lr']), the lr with the best
     validation accuracy chosen (choose_lr), then seeds[1:] at that lr only: len(lrs) + len(seeds) - 1
     cells, each an ordinary cached cell (its id holds its lr and seed), so a re-run trains nothing new.
+    The console gets one line per (model, depth): the cell's own line when it is one cell, else its
+    summary (group_line).
 
     Returns (rows, summary): one row per cell (as run_study's, 'chosen' True for the chosen lr's
     cells) and one summary row per (model, depth) over its chosen cells (summarise).
     """
     check_grid(seeds, lrs)
+    one_cell = len(lr_grid(config, lrs)) + len(seeds) - 1 == 1
     rows, data = [], {}
     for depth in depths:
         for model in models:
-            base = cell_config(config, model, depth)
-            grid = [study_cell(exercise, {**base, 'lr': lr, 'seed': seeds[0]}, build_model, data)
-                    for lr in lr_grid(config, lrs)]
+            base, hows = cell_config(config, model, depth), []
+
+            def cell(lr: float, seed: int) -> dict:
+                if one_cell:
+                    return study_cell(exercise, {**base, 'lr': lr, 'seed': seed}, build_model, data)
+                row, how = held_back(exercise, {**base, 'lr': lr, 'seed': seed}, build_model, data)
+                hows.append(how)
+                return row
+            grid = [cell(lr, seeds[0]) for lr in lr_grid(config, lrs)]
             lr = choose_lr(grid)
-            more = [study_cell(exercise, {**base, 'lr': lr, 'seed': seed}, build_model, data) for seed in seeds[1:]]
-            rows += [{**r, 'chosen': r['lr'] == lr} for r in grid] + [{**r, 'chosen': True} for r in more]
+            mine = [{**r, 'chosen': r['lr'] == lr} for r in grid] + [{**cell(lr, s), 'chosen': True} for s in seeds[1:]]
+            if not one_cell and is_main():
+                print(group_line(mine, summarise(mine)[0], hows), flush=True)
+            rows += mine
     return rows, summarise(rows)
+
+
+def held_back(exercise: str, cell: dict, build_model: BuildModel, data: dict) -> tuple[dict, str]:
+    """study_cell with the cell's own console line held back (whatever else it prints passes through);
+    returns its row and how it ran: 'trained', 'resumed' or 'reused'."""
+    folder = cell_dir(exercise, cell)
+    how = ('reused' if os.path.exists(os.path.join(folder, 'results.json')) else
+           'resumed' if os.path.exists(os.path.join(folder, 'checkpoints', 'last.pt')) else 'trained')
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            row = study_cell(exercise, cell, build_model, data)
+    finally:  # an interrupted cell's lines (where its checkpoint went) still reach the console
+        for line in printed.getvalue().splitlines():
+            if not line.startswith(f"{os.path.basename(folder)}: "):
+                print(line)
+    return row, how
+
+
+def group_line(rows: list[dict], summary: dict, hows: list[str]) -> str:
+    """One (model, depth) of a seeded study: the grid's val accuracies, the chosen lr, test accuracy
+    over the seeds (mean +- sample std, min-max), clean train loss, and how many cells were trained."""
+    vals = '/'.join(f"{100 * r['best_val_acc']:.2f}" for r in rows if r['seed'] == rows[0]['seed'])
+    std = '-' if summary['test_acc_std'] is None else f"{100 * summary['test_acc_std']:.2f}"
+    counts = ', '.join(f'{hows.count(h)} {h}' for h in ('trained', 'resumed', 'reused') if h in hows)
+    return (f"study-{summary['model']}-d{summary['depth']}: lr {summary['lr']:.1e} (val {vals}), test "
+            f"{100 * summary['test_acc_mean']:.2f}% +- {std} ({100 * summary['test_acc_min']:.2f}-"
+            f"{100 * summary['test_acc_max']:.2f}), {summary['n_seeds']} seeds, clean train loss "
+            f"{summary['clean_train_loss_mean']:.3f}; {len(rows)} cells: {counts}")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -204,7 +245,8 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
     width and epochs, study_config) over config['depths'], config['study_seeds'] and
     config['study_lrs'] -> runs/<exercise>/study.csv (one row per cell), study_summary.csv and
     study.json (both tables: a record docs can cite), study_acc.png (mean and min-max over seeds),
-    study_loss.png; the tables also to TensorBoard (runs/<exercise>/study/) and W&B (wandb.Tables).
+    study_loss.png; the tables also to TensorBoard (runs/<exercise>/study/) and W&B (wandb.Tables 'study'
+    and 'summary_over_seeds').
     grads: per-layer gradient norms, at init and trained, of each (model, depth)'s chosen cell at
     its first seed -> grad_norms.png.
     Under torchrun, rank 0 alone prints and writes: the process group is joined here, because a
@@ -234,31 +276,19 @@ def run_parts(exercise: str, config: dict, study: dict, build_model: BuildModel,
 
 def write_study(exercise: str, study: dict, rows: list[dict], summary: list[dict], out_dir: str, title: str,
                 xlabel: str) -> list[str]:
-    """The seeded study's tables, record and figures in out_dir; the summary printed. Returns the file names."""
+    """The seeded study's tables, record and figures in out_dir. Returns the file names."""
     table = [{c: r[c] for c in CSV_COLUMNS} for r in rows]
     write_csv(rows, os.path.join(out_dir, 'study.csv'))
     write_csv(summary, os.path.join(out_dir, 'study_summary.csv'), SUMMARY_COLUMNS)
     settings = {k: v for k, v in identity(study).items() if k not in ('model', 'depth', 'lr', 'seed')}
     record = {'settings': settings, 'rows': table, 'summary': summary}  # what a doc cites (report.py --record)
     atomic_write(os.path.join(out_dir, 'study.json'), lambda f: json.dump(record, f, indent=1), binary=False)
-    log_tables(exercise, study, os.path.join(out_dir, 'study'), {'study': table, 'study_summary': summary})
-    print_summary(summary)
+    log_tables(exercise, study, os.path.join(out_dir, 'study'), {'study': table, 'summary_over_seeds': summary})
     chosen = [r for r in rows if r['chosen']]
     save_figure(plot_study(chosen, title=f'test accuracy ({title})', xlabel=xlabel),
                 os.path.join(out_dir, 'study_acc.png'))
     save_figure(plot_loss_curves(chosen, title=f'training loss ({title})'), os.path.join(out_dir, 'study_loss.png'))
     return ['study.csv', 'study_summary.csv', 'study.json', 'study_acc.png', 'study_loss.png']
-
-
-def print_summary(summary: list[dict]) -> None:
-    """One line per (model, depth): the chosen lr and test accuracy's mean, std and range over its seeds."""
-    print(f"{'model':>9} {'depth':>5} {'lr':>8} {'seeds':>5} {'test acc':>8} {'std':>5} {'min-max':>13} "
-          f"{'best val':>9} {'clean train loss':>16}")
-    for s in summary:
-        std = '-' if s['test_acc_std'] is None else f"{100 * s['test_acc_std']:.2f}"
-        span = f"{100 * s['test_acc_min']:.2f}-{100 * s['test_acc_max']:.2f}"
-        print(f"{s['model']:>9} {s['depth']:5d} {s['lr']:8.1e} {s['n_seeds']:5d} {100 * s['test_acc_mean']:7.2f}% "
-              f"{std:>5} {span:>13} {100 * s['best_val_acc_mean']:8.2f}% {s['clean_train_loss_mean']:16.3f}")
 
 
 def study_row(run_dir: str, cell: dict) -> dict:

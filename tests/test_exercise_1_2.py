@@ -343,13 +343,15 @@ def test_seeded_smoke_study_tables_rerun_and_the_test_split_chooses_nothing(tmp_
         assert float(s['test_acc_mean']) == pytest.approx(statistics.fmean(accs)) == kept['test_acc_mean']
         assert float(s['test_acc_std']) == pytest.approx(statistics.stdev(accs)) == kept['test_acc_std']
         assert (float(s['test_acc_min']), float(s['test_acc_max'])) == (min(accs), max(accs))
-    assert 'test acc   std' in capsys.readouterr().out  # the summary table on the console
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith('study-')]
+    assert [line.split(':')[0] for line in printed] == ['study-plain-d2', 'study-residual-d2']  # one per (model, depth)
+    assert all(line.endswith('3 cells: 3 trained') for line in printed)  # the cells' own lines held back
 
     # again: every cell is reused, no folder is added
     folders = sorted(p.name for p in out.iterdir() if p.name.startswith('study-'))
     exercise_1_2.main({**exercise_1_2.config, **overrides}, overrides)
     printed = capsys.readouterr().out
-    assert printed.count('skip (done, same settings)') == 6 and 'trained' not in printed
+    assert printed.count('3 cells: 3 reused') == 2 and 'trained' not in printed
     assert sorted(p.name for p in out.iterdir() if p.name.startswith('study-')) == folders
     # grads looks at each (model, depth)'s chosen cell at the first seed, found without training
     study_settings = exercise_1_2.study_config({**exercise_1_2.config, **overrides})
