@@ -6,10 +6,13 @@ of every layer on one training batch. Three parts, chosen with --part:
 
   single  one (model, depth, width) run with the full training budget; the defaults train a
           SkipMLP that matches exercise 1.1's MLP. A W&B sweep agent runs exactly this.
-  study   plain vs residual at each of `depths`, same width, optimiser, epochs, seed and a
-          fair setup for both: He init (study_init) and no dropout (study_dropout); the old
-          setup (PyTorch's default init, dropout 0.2) is `--study_init torch --study_dropout 0.2`.
-          runs/exercise_1_2/study.csv (with a clean training loss: eval mode, training split),
+  study   plain vs residual at each of `depths`, same width, optimiser, epochs and a fair
+          setup for both: He init (study_init), no dropout (study_dropout), and each model's lr
+          picked per depth from one grid on the validation split (study_lrs, first of
+          study_seeds), then repeated with the other seeds; the old setup (PyTorch's default
+          init, dropout 0.2) is `--study_init torch --study_dropout 0.2`.
+          runs/exercise_1_2/study.csv (one row per cell, with a clean training loss: eval mode,
+          training split), study_summary.csv (mean and spread over seeds), study.json,
           study_acc.png, study_loss.png. Re-running skips finished cells and resumes an
           interrupted one.
   grads   per-layer ||dL/dW|| * ||W|| (raw norms in the summary) at initialisation and after
@@ -28,7 +31,7 @@ Measured results, and the data and hardware behind them, are in docs/exercise_1_
 from config import COMMON, STUDY, UserError, cli, plural, resume_may_change
 from dataset import Data, dataset_names
 from models import INITS, MLP, SkipMLP
-from study import run_parts
+from study import GRID_KEYS, check_grid, run_parts
 from training import train_run
 
 EXERCISE = 'exercise_1_2'
@@ -59,14 +62,19 @@ config = {
     'study_epochs': 3,              # epochs per study cell: the same small budget for both models
     'study_init': 'he',             # init of every study cell: the same principled init for both models
     'study_dropout': 0.0,           # dropout of every study cell: 3 epochs are not about regularisation, and dropout on a plain net's main path compounds with depth
+    'study_seeds': [0, 1, 2],       # per (model, depth): the first picks the lr, the others repeat the chosen lr (mean and spread)
+    'study_lrs': [3e-4, 1e-3, 3e-3],  # lr grid picked on val with the first seed, same for both models; [] = just lr. Half-decades around Adam's usual 1e-3
 }
-ROLE = dict.fromkeys(('study_width', 'study_epochs', 'study_init', 'study_dropout'), STUDY)  # config.ROLE: the rest
+ROLE = dict.fromkeys(('study_width', 'study_epochs', 'study_init', 'study_dropout', 'study_seeds', 'study_lrs'),
+                    STUDY)  # config.ROLE: the rest
 STUDY_KEYS = resume_may_change(config, ROLE)  # a resumed single run may change these
 
 
 def study_config(config: dict) -> dict:
-    """The settings every study cell shares (all but model and depth); exercise 2.1 reuses them."""
-    return {**config, 'width': config['study_width'], 'epochs': config['study_epochs'],
+    """The settings every study cell shares (all but model and depth; a seeded study sets lr and seed
+    per cell, and its grid, study.GRID_KEYS, is no cell's setting); exercise 2.1 reuses them."""
+    shared = {k: v for k, v in config.items() if k not in GRID_KEYS}
+    return {**shared, 'width': config['study_width'], 'epochs': config['study_epochs'],
             'init': config['study_init'], 'dropout': config['study_dropout'], 'resume': ''}
 
 
@@ -85,6 +93,7 @@ def build_model(config: dict, data: Data):
 def main(config: dict, overrides: dict) -> None:
     if config['part'] not in ('single', 'study', 'grads', 'all'):
         raise UserError(f"unknown part {config['part']!r}; choose single, study, grads or all")
+    check_grid(config['study_seeds'], config['study_lrs'])  # before the single run trains
     if config['part'] in ('single', 'all'):
         train_run(EXERCISE, config, build_model, overrides, name=f"{config['model']}-d{config['depth']}-w{config['width']}",
                   may_change=STUDY_KEYS)

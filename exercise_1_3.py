@@ -15,9 +15,11 @@ commands are in docs/exercise_1_3.md.
 
 Three parts, chosen with --part (default: single):
   single  one CNN with the full training budget (the default: CIFAR-10, residual).
-  study   plain vs residual at each of `depths`, same widths, optimiser, epochs and seed:
-          runs/exercise_1_3/study.csv, study_acc.png, study_loss.png; re-running skips
-          finished cells and resumes an interrupted one (study.run_study, shared with 1.2).
+  study   plain vs residual at each of `depths`, same widths, optimiser and epochs; each
+          model's lr picked per depth from one grid on the validation split (study_lrs, first
+          of study_seeds), then repeated with the other seeds: runs/exercise_1_3/study.csv,
+          study_summary.csv, study.json, study_acc.png, study_loss.png; re-running skips
+          finished cells and resumes an interrupted one (study.run_seeded_study, shared with 1.2).
           The study cells start from He init (study_init; `--study_init torch` for PyTorch's default).
   grads   per-layer ||dL/dW|| * ||W|| on one training batch, at initialisation and after
           training, for every study cell: runs/exercise_1_3/grad_norms.png (exercise_2_1.py
@@ -40,7 +42,7 @@ model.classifier the linear head.
 from config import COMMON, STUDY, UserError, cli, plural, resume_may_change
 from dataset import Data, dataset_names, with_defaults
 from models import CNN, INITS
-from study import run_parts
+from study import GRID_KEYS, check_grid, run_parts
 from training import train_run
 
 EXERCISE = 'exercise_1_3'
@@ -74,8 +76,10 @@ config = {
     'study_widths': [64, 128, 256], # widths of every study cell: cheaper than the default run; digits: [32, 64]
     'study_epochs': 10,             # epochs per study cell: the same budget for both models
     'study_init': 'he',             # init of every study cell: the same principled init for both models
+    'study_seeds': [0, 1, 2],       # per (model, depth): the first picks the lr, the others repeat the chosen lr (mean and spread)
+    'study_lrs': [0.05, 0.1, 0.2],  # lr grid picked on val with the first seed, same for both models; [] = just lr. Factor 2 around the 28 px sets' 0.1; holds cifar10's 0.2 and digits' 0.05
 }
-ROLE = dict.fromkeys(('study_widths', 'study_epochs', 'study_init'), STUDY)  # config.ROLE: the rest
+ROLE = dict.fromkeys(('study_widths', 'study_epochs', 'study_init', 'study_seeds', 'study_lrs'), STUDY)  # config.ROLE: the rest
 STUDY_KEYS = resume_may_change(config, ROLE)  # a resumed single run may change these
 
 
@@ -85,8 +89,10 @@ def with_dataset_defaults(config: dict, overrides: dict) -> dict:
 
 
 def study_config(config: dict) -> dict:
-    """The settings every study cell shares (all but model and depth); exercise 2.1 reuses them."""
-    return {**config, 'widths': config['study_widths'], 'epochs': config['study_epochs'],
+    """The settings every study cell shares (all but model and depth; a seeded study sets lr and seed
+    per cell, and its grid, study.GRID_KEYS, is no cell's setting); exercise 2.1 reuses them."""
+    shared = {k: v for k, v in config.items() if k not in GRID_KEYS}
+    return {**shared, 'widths': config['study_widths'], 'epochs': config['study_epochs'],
             'init': config['study_init'], 'resume': ''}
 
 
@@ -102,6 +108,7 @@ def build_model(config: dict, data: Data) -> CNN:
 def main(config: dict, overrides: dict) -> None:
     if config['part'] not in ('single', 'study', 'grads', 'all'):
         raise UserError(f"unknown part {config['part']!r}; choose single, study, grads or all")
+    check_grid(config['study_seeds'], config['study_lrs'])  # before the single run trains
     config = with_dataset_defaults(config, overrides)
     if config['part'] in ('single', 'all'):
         train_run(EXERCISE, config, build_model, overrides, name=f"{config['model']}-cnn-d{config['depth']}",

@@ -311,7 +311,8 @@ def test_torchrun_command_line(tmp_path):
     says to launch it; all three parts, so that study cells and gradient norms run under DDP too."""
     args = ['--dataset', 'digits', '--part', 'all', '--widths', '[4,8,8]', '--study_widths', '[4,8,8]',
             '--depths', '[1]', '--epochs', '1', '--study_epochs', '1', '--batch_size', '64', '--max_steps', '3',
-            '--augment', 'False', '--device', 'cpu', '--wandb', 'off', '--runs_dir', str(tmp_path), '--run_name', 'ddp']
+            '--augment', 'False', '--device', 'cpu', '--wandb', 'off', '--runs_dir', str(tmp_path), '--run_name', 'ddp',
+            '--study_seeds', '[0]', '--study_lrs', '[]']
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MPLBACKEND': 'Agg'}
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                              'exercise_1_3.py', *args], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -1,11 +1,12 @@
-"""Exercise 1.2: SkipMLP, study.py (grid with skip/resume, gradient norms) and the W&B sweep file.
+"""Exercise 1.2: SkipMLP, study.py (grid with skip/resume, seeds and lr choice, gradient norms) and the W&B sweep file.
 
-CPU only, no network; about 15 s, most of it the in-process smoke study on scikit-learn's digits.
+CPU only, no network; about 25 s, most of it the in-process smoke studies (one seed; seeded) on scikit-learn's digits.
 """
 import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,7 +178,7 @@ def test_grad_norms_use_the_training_loss_with_label_smoothing():
 
 def test_smoke_study_writes_outputs_then_skips_and_resumes(tmp_path, capsys):
     keys = dict(dataset='digits', subset=256, max_steps=3, study_epochs=2, depths=[2, 3],
-                study_width=16, wandb='off', runs_dir=str(tmp_path))
+                study_width=16, wandb='off', runs_dir=str(tmp_path), study_seeds=[0], study_lrs=[])  # one cell each
     overrides = parse_args(exercise_1_2.config, [f'--{k}={v}' for k, v in keys.items()])
     for part in ('study', 'grads'):  # 'single' is the same train_run as one study cell
         overrides['part'] = part
@@ -187,8 +188,8 @@ def test_smoke_study_writes_outputs_then_skips_and_resumes(tmp_path, capsys):
     for name in ('study.csv', 'study_acc.png', 'study_loss.png', 'grad_norms.png'):
         assert (out / name).stat().st_size > 0, name
     lines = (out / 'study.csv').read_text().splitlines()
-    assert lines[0] == ('model,depth,width,params,best_val_acc,test_acc,final_train_loss,clean_train_loss,'
-                        'clean_train_acc,train_seconds,cell')
+    assert lines[0] == ('model,depth,width,lr,seed,chosen,params,best_val_acc,test_acc,final_train_loss,'
+                        'clean_train_loss,clean_train_acc,train_seconds,cell')
     assert [tuple(r.split(',')[:3]) for r in lines[1:]] == [
         ('plain', '2', '16'), ('residual', '2', '16'), ('plain', '3', '16'), ('residual', '3', '16')]
     cells = [out / r.split(',')[-1] for r in lines[1:]]
@@ -238,3 +239,134 @@ def test_sweep_config_validates_with_wandbs_validator():
             assert parsed['part'] == 'single' and parsed['model'] == model and parsed['depth'] == depth
     config = exercise_1_2.config
     assert (fixed['width'], fixed['epochs']) == (config['study_width'], config['study_epochs'])
+
+
+# ---------------------------------------------------------------------------------------------
+# The seeded study: lr chosen on val with the first seed, the other seeds at that lr only
+
+def fake_cells(monkeypatch, val_acc):
+    """study.study_cell replaced by a row whose best_val_acc is val_acc(model, lr, seed) and whose
+    test_acc ranks the lrs the other way round; returns the list of (model, depth, lr, seed) trained."""
+    import study
+    trained = []
+
+    def cell(exercise, cell, build_model, data):
+        trained.append((cell['model'], cell['depth'], cell['lr'], cell['seed']))
+        val = val_acc(cell['model'], cell['lr'], cell['seed'])
+        return {'model': cell['model'], 'depth': cell['depth'], 'lr': cell['lr'], 'seed': cell['seed'], 'params': 1,
+                'best_val_acc': val, 'test_acc': 1 - val + cell['seed'] / 100, 'clean_train_loss': cell['seed'] / 10}
+    monkeypatch.setattr(study, 'study_cell', cell)
+    return trained
+
+
+def test_seeded_study_chooses_the_best_val_lr_then_trains_the_other_seeds_there_only(monkeypatch):
+    import study
+    best = {'plain': 1e-3, 'residual': 3e-3}
+    trained = fake_cells(monkeypatch, lambda model, lr, seed: 0.9 if lr == best[model] else 0.5 + lr)
+    config = {**exercise_1_2.study_config(exercise_1_2.config), 'lr': 1.0}  # --lr is not in the grid: unused
+    rows, summary = study.run_seeded_study('exercise_1_2', config, None, depths=[2, 4], seeds=[0, 1, 2],
+                                           lrs=[3e-4, 1e-3, 3e-3])
+    assert len(trained) == 2 * 2 * (3 + 2)  # (model, depth) x (grid at the first seed + two more seeds), not 9
+    for model in ('plain', 'residual'):
+        for depth in (2, 4):
+            mine = [t for t in trained if t[:2] == (model, depth)]
+            assert mine == [(model, depth, lr, 0) for lr in (3e-4, 1e-3, 3e-3)] + \
+                [(model, depth, best[model], seed) for seed in (1, 2)]
+    assert [(r['lr'], r['seed']) for r in rows if r['chosen'] and r['model'] == 'plain' and r['depth'] == 2] == \
+        [(1e-3, 0), (1e-3, 1), (1e-3, 2)]
+    assert [(s['model'], s['depth'], s['lr'], s['n_seeds']) for s in summary] == \
+        [('plain', 2, 1e-3, 3), ('residual', 2, 3e-3, 3), ('plain', 4, 1e-3, 3), ('residual', 4, 3e-3, 3)]
+
+
+def test_lr_choice_ignores_the_test_split_and_breaks_ties_to_the_smaller_lr():
+    from study import choose_lr
+    grid = [{'lr': 3e-4, 'best_val_acc': 0.80, 'test_acc': 0.95}, {'lr': 1e-3, 'best_val_acc': 0.85, 'test_acc': 0.70},
+            {'lr': 3e-3, 'best_val_acc': 0.85, 'test_acc': 0.99}]
+    assert choose_lr(grid) == 1e-3  # the val tie between 1e-3 and 3e-3 goes to the smaller lr
+    swapped = [{**r, 'test_acc': t} for r, t in zip(grid, [0.1, 0.99, 0.2])]
+    assert choose_lr(swapped) == choose_lr(grid)
+    assert choose_lr([{'lr': 1e-3, 'best_val_acc': 0.5}]) == 1e-3
+
+
+def test_seeded_study_refuses_a_bad_grid_before_training(monkeypatch):
+    import study
+    from config import UserError
+    trained = fake_cells(monkeypatch, lambda model, lr, seed: 0.5)
+    config = exercise_1_2.study_config(exercise_1_2.config)
+    for seeds, lrs in (([], [1e-3]), ([0, 0], [1e-3]), ([0.5], []), ([0], [1e-3, 1e-3]), ([0], [0.0])):
+        with pytest.raises(UserError):
+            study.run_seeded_study('exercise_1_2', config, None, depths=[2], seeds=seeds, lrs=lrs)
+    assert trained == []
+
+
+def swapped_test_labels(data_dir=''):
+    """scikit-learn's digits with the test labels permuted: train and val are digits' own."""
+    from dataset import load_digits_dataset
+    arrays = load_digits_dataset(data_dir)
+    x, y = arrays['test']
+    return {**arrays, 'test': (x, np.roll(y, 7))}
+
+
+SEEDED = dict(dataset='digits', subset=256, max_steps=3, study_epochs=1, depths=[2], study_width=16, wandb='off',
+              study_seeds=[0, 1], study_lrs=[1e-3, 3e-2])
+
+
+def test_seeded_smoke_study_tables_rerun_and_the_test_split_chooses_nothing(tmp_path, monkeypatch, capsys):
+    import csv
+    import dataclasses
+    import json
+    import statistics
+    import study
+    from dataset import DATASETS
+    overrides = parse_args(exercise_1_2.config, [f'--{k}={v}' for k, v in {**SEEDED, 'part': 'study',
+                                                                              'runs_dir': str(tmp_path)}.items()])
+    exercise_1_2.main({**exercise_1_2.config, **overrides}, overrides)
+    out = tmp_path / 'exercise_1_2'
+    with open(out / 'study.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * (2 + 1)  # per model: both lrs at seed 0, seed 1 at the chosen lr
+    for model in ('plain', 'residual'):
+        grid = [r for r in rows if r['model'] == model and r['seed'] == '0']
+        assert [float(r['lr']) for r in grid] == [1e-3, 3e-2]
+        chosen = study.choose_lr([{'lr': float(r['lr']), 'best_val_acc': float(r['best_val_acc'])} for r in grid])
+        [extra] = [r for r in rows if r['model'] == model and r['seed'] == '1']
+        assert float(extra['lr']) == chosen
+        assert [r['chosen'] == 'True' for r in grid + [extra]] == [float(r['lr']) == chosen for r in grid] + [True]
+    # the summary: mean, sample std, range over the chosen cells' rows
+    with open(out / 'study_summary.csv', newline='') as f:
+        summary = list(csv.DictReader(f))
+    record = json.loads((out / 'study.json').read_text())
+    assert [r['cell'] for r in record['rows']] == [r['cell'] for r in rows]
+    for s, kept in zip(summary, record['summary']):
+        accs = [float(r['test_acc']) for r in rows if r['model'] == s['model'] and r['chosen'] == 'True']
+        assert int(s['n_seeds']) == len(accs) == 2 and float(s['lr']) == kept['lr']
+        assert float(s['test_acc_mean']) == pytest.approx(statistics.fmean(accs)) == kept['test_acc_mean']
+        assert float(s['test_acc_std']) == pytest.approx(statistics.stdev(accs)) == kept['test_acc_std']
+        assert (float(s['test_acc_min']), float(s['test_acc_max'])) == (min(accs), max(accs))
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith('study-')]
+    assert [line.split(':')[0] for line in printed] == ['study-plain-d2', 'study-residual-d2']  # one per (model, depth)
+    assert all(line.endswith('3 cells: 3 trained') for line in printed)  # the cells' own lines held back
+
+    # again: every cell is reused, no folder is added
+    folders = sorted(p.name for p in out.iterdir() if p.name.startswith('study-'))
+    exercise_1_2.main({**exercise_1_2.config, **overrides}, overrides)
+    printed = capsys.readouterr().out
+    assert printed.count('3 cells: 3 reused') == 2 and 'trained' not in printed
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith('study-')) == folders
+    # grads looks at each (model, depth)'s chosen cell at the first seed, found without training
+    study_settings = exercise_1_2.study_config({**exercise_1_2.config, **overrides})
+    cells = study.chosen_cells('exercise_1_2', study_settings, ('plain', 'residual'), [2], [0, 1], [1e-3, 3e-2])
+    assert [(c['lr'], c['seed']) for c in cells.values()] == \
+        [(float(r['lr']), 0) for r in rows if r['seed'] == '0' and r['chosen'] == 'True']
+    exercise_1_2.main({**exercise_1_2.config, **overrides, 'part': 'grads'}, {**overrides, 'part': 'grads'})
+    assert 'first/last' in capsys.readouterr().out and (out / 'grad_norms.png').exists()
+
+    # the same cells with the test labels permuted: the same choice and val accuracies, other test accuracies
+    monkeypatch.setitem(DATASETS, 'digits_swapped', dataclasses.replace(DATASETS['digits'], loader=swapped_test_labels))
+    config = exercise_1_2.study_config({**exercise_1_2.config, **overrides, 'dataset': 'digits_swapped'})
+    swapped, _ = study.run_seeded_study('exercise_1_2', config, exercise_1_2.build_model, depths=[2], seeds=[0, 1],
+                                        lrs=[1e-3, 3e-2])
+    assert [(r['model'], r['lr'], r['seed'], r['chosen']) for r in swapped] == \
+        [(r['model'], float(r['lr']), int(r['seed']), r['chosen'] == 'True') for r in rows]
+    assert [r['best_val_acc'] for r in swapped] == [float(r['best_val_acc']) for r in rows]
+    assert [r['test_acc'] for r in swapped] != [float(r['test_acc']) for r in rows]

@@ -202,7 +202,8 @@ def test_fashion_mnist_one_channel_run(tmp_path):
 def test_study_and_gradients_smoke_and_resume(tmp_path, capsys):
     from exercise_1_3 import config, main
     argv = ['--part', 'study', '--dataset', 'digits', '--study_widths', '[4,8,8]', '--depths', '[1,2]',
-            '--study_epochs', '1', '--batch_size', '32', '--runs_dir', str(tmp_path / 'runs'), *SMOKE]
+            '--study_epochs', '1', '--batch_size', '32', '--runs_dir', str(tmp_path / 'runs'), *SMOKE,
+            '--study_seeds', '[0]', '--study_lrs', '[]']  # one cell per (model, depth); the seeded study: 1.2's tests
     cli(main, config, argv)
     out = tmp_path / 'runs' / 'exercise_1_3'
     rows = (out / 'study.csv').read_text().splitlines()
@@ -216,3 +217,14 @@ def test_study_and_gradients_smoke_and_resume(tmp_path, capsys):
     cli(main, config, argv)  # a second study run trains nothing
     again = capsys.readouterr().out
     assert again.count('skip') == 4 and 'epoch' not in again
+
+
+def test_study_lr_grid_is_one_factor_2_grid_holding_every_datasets_lr():
+    """The seeded study picks 1.3's lr from one grid for both models: it holds the lr every dataset's
+    recipe trains with (so the seed-0 cell at --lr is one of the grid's), in factor-2 steps."""
+    from dataset import DATASETS
+    from exercise_1_3 import config
+    grid = config['study_lrs']
+    assert all(b == pytest.approx(2 * a) for a, b in zip(grid, grid[1:]))
+    lrs = {name: info.defaults.get('exercise_1_3', {}).get('lr', config['lr']) for name, info in DATASETS.items()}
+    assert all(lr in grid for lr in lrs.values()), lrs

@@ -50,7 +50,9 @@ def test_key_roles_derive_exactly_the_old_lists():
     assert config.HOW_IT_RUNS == OLD_HOW_IT_RUNS
     assert config.MAY_CHANGE_ON_RESUME == OLD_MAY_CHANGE_ON_RESUME
     assert config.NOT_IDENTITY == OLD_NOT_IDENTITY
-    assert exercise_1_2.STUDY_KEYS == OLD_STUDY_KEYS_1_2 and exercise_1_3.STUDY_KEYS == OLD_STUDY_KEYS_1_3
+    seeded = ('study_seeds', 'study_lrs')  # added since (issue 23 item 5): which cells a study trains, in no cell's id
+    assert exercise_1_2.STUDY_KEYS == OLD_STUDY_KEYS_1_2 + seeded
+    assert exercise_1_3.STUDY_KEYS == OLD_STUDY_KEYS_1_3 + seeded
     assert set(exercise_2_2.CLASSIFIER_KEYS) == set(OLD_CLASSIFIER_KEYS)
     assert set(exercise_2_2.FINETUNE_KEYS) == {k for k in exercise_2_2.config if k not in OLD_NOT_FINETUNE}
     assert set(exercise_2_3.FORWARD_TO_1_3) == set(OLD_FORWARD_TO_1_3)

@@ -115,7 +115,8 @@ def runs(tmp_path_factory):
     commands = {
         'exercise_1_1': (exercise_1_1, ['--dataset', 'digits', '--hidden', '[16]', '--epochs', '2', *W, *r]),
         'exercise_1_2': (exercise_1_2, ['--dataset', 'digits', '--part', 'study', '--depths', '[2]', '--study_width',
-                                        '8', '--study_epochs', '1', '--max_steps', '2', *W, *r]),
+                                        '8', '--study_epochs', '1', '--max_steps', '2', '--study_seeds', '[0]',
+                                        '--study_lrs', '[]', *W, *r]),
         'exercise_1_3': (exercise_1_3, ['--data_dir', str(root / 'cifar'), '--part', 'single', '--widths', '[8,16,32]',
                                         '--max_steps', '2', '--subset', '64', '--epochs', '1', '--batch_size', '32',
                                         '--run_name', 'tiny', *W, *r]),

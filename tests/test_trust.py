@@ -130,7 +130,7 @@ def test_augmented_cnn_resume_is_exact(tmp_path):
 
 
 STUDY = {'part': 'study', 'dataset': 'digits', 'depths': [2], 'study_width': 16, 'study_epochs': 2,
-         'batch_size': 64, 'wandb': 'off', 'device': 'cpu', 'subset': 320}
+         'batch_size': 64, 'wandb': 'off', 'device': 'cpu', 'subset': 320, 'study_seeds': [0], 'study_lrs': []}
 
 
 def study(tmp_path, **changes):
