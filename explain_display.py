@@ -1,22 +1,25 @@
-"""How exercise 2.3 shows what explain.py measures: the faithfulness table on the console, grids of
-example maps over their images, and the deletion / insertion curves. A module of its own so that
-explain.py holds the measures only."""
+"""How exercise 2.3 shows what explain.py and sanity.py measure: the faithfulness table, the paired
+comparisons and the randomisation cascade on the console; grids of example maps over their images
+(`overlay`), the deletion / insertion curves and the cascade's figures. A module of its own so that
+explain.py and sanity.py hold the measures only."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import matplotlib
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from dataset import Split
 from evaluate import pyplot
-from explain import BASELINES, BETTER, explain_all, overlay
+from explain import BASELINES, BETTER, explain_all
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 LABELS = {'cam': 'CAM', 'grad_cam': 'Grad-CAM', 'grad_cam_pp': 'Grad-CAM++', 'random': 'random',
-          'random_smooth': 'random smooth', 'constant': 'constant'}
+          'random_smooth': 'random smooth', 'constant': 'constant', 'object_prior': 'object prior'}
 MARK = {'better': '+', 'worse': '-', 'tie': '='}  # a paired verdict in the printed table
 SHORT = {'black': 'removed = black, insertion from black', 'rise': 'removed = mean colour, insertion from a blur'}
 
@@ -117,7 +120,7 @@ def plot_faithfulness(curves: dict, table: dict, title: str, substrate: str) -> 
         for m, cs in curves.items():
             x = torch.linspace(0, 1, len(cs[kind])).tolist()
             ax.plot(x, cs[kind], label=f"{LABELS[m]} (AUC {table[m][f'{kind}_auc']:.3f})",
-                    linestyle={'random': '--', 'random_smooth': ':', 'constant': '-.'}.get(m, '-'),
+                    linestyle={'random': '--', 'random_smooth': ':', 'constant': '-.', 'object_prior': (0, (5, 1, 1, 1))}.get(m, '-'),
                     color='gray' if m in BASELINES else None)
         what = {('black', 'deletion'): 'deleted (set to black)', ('black', 'insertion'): 'inserted into a black image',
                 ('rise', 'deletion'): 'deleted (set to the mean colour)',
@@ -131,3 +134,17 @@ def plot_faithfulness(curves: dict, table: dict, title: str, substrate: str) -> 
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def overlay(image: Tensor | np.ndarray, heatmap: Tensor | np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a jet-coloured map (H, W) in [0, 1] over an image -> (H, W, 3) float array in [0, 1].
+
+    image: (3, H, W) or (H, W, 3), uint8 in [0, 255] or float in [0, 1] (un-normalise first).
+    """
+    img = np.asarray(image.detach().cpu() if isinstance(image, Tensor) else image)
+    img = img.astype(np.float32) / 255 if img.dtype == np.uint8 else img.astype(np.float32)
+    if img.shape[0] == 3 and img.shape[-1] != 3:
+        img = img.transpose(1, 2, 0)                                     # (3, H, W) -> (H, W, 3)
+    hm = np.asarray(heatmap.detach().cpu() if isinstance(heatmap, Tensor) else heatmap)
+    heat = matplotlib.colormaps['jet'](np.clip(hm, 0, 1))[..., :3]     # (H, W, 3), drop alpha
+    return np.clip((1 - alpha) * img + alpha * heat, 0, 1)
