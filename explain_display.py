@@ -148,3 +148,87 @@ def overlay(image: Tensor | np.ndarray, heatmap: Tensor | np.ndarray, alpha: flo
     hm = np.asarray(heatmap.detach().cpu() if isinstance(heatmap, Tensor) else heatmap)
     heat = matplotlib.colormaps['jet'](np.clip(hm, 0, 1))[..., :3]     # (H, W, 3), drop alpha
     return np.clip((1 - alpha) * img + alpha * heat, 0, 1)
+
+
+# ----------------------------------------------------------------------------- controls (sanity.py)
+
+METRIC = {'deletion_auc': 'deletion', 'insertion_auc': 'insertion', 'average_drop': 'Avg Drop',
+          'increase_in_confidence': 'Increase'}
+
+
+def _name(key: str) -> str:
+    """'grad_cam_pp_randomised' -> 'Grad-CAM++ (randomised)'."""
+    base = key.removesuffix('_randomised')
+    return LABELS.get(base, base) + (' (randomised)' if key != base else '')
+
+
+def print_comparisons(title: str, comparisons: dict) -> None:
+    """A paired family (sanity.paired_family) on the console, one line per pair and metric. Lines start
+    with the metric, never with a map's label, so they never read as a row of a faithfulness table."""
+    print(f"\npaired comparisons, {title}: {comparisons['family']}")
+    for pair, metrics in comparisons['pairs'].items():
+        a, b = pair.split('_vs_')
+        for k, r in metrics.items():
+            print(f"  {METRIC[k]:<10} {_name(a)} - {_name(b)}: {r['diff']:+.3g} ({r['lo']:+.3g} to {r['hi']:+.3g}), "
+                  f"p {r['p']:.3f}, Holm {r['p_holm']:.3f}: {r['verdict']}")
+
+
+def print_cascade(record: dict) -> None:
+    """Spearman rank correlation with the trained maps at each cascade step (sanity.sanity_checks)."""
+    print(f"\nsanity checks (Adebayo et al. 2018), {record['images']} images: cascading randomisation from the head "
+          f"down, Spearman rho of each method's maps with the trained model's (mean, 95% interval)")
+    print(f"  {'step: randomised up to':<24}" + ''.join(f"{LABELS[m]:>26}" for m in next(iter(record['cascade'].values()))))
+    for step, row in record['cascade'].items():
+        print(f"  {step:<24}" + ''.join(f"{r['rho']:>+8.2f} ({r['lo']:+.2f} to {r['hi']:+.2f})" for r in row.values()))
+    faith = record['faithfulness']
+    print(f"  faithfulness on the trained model, substrate '{faith['substrate']}' (deletion, insertion, Avg Drop, "
+          f"Increase; trained vs fully randomised maps):")
+    for m, row in faith['table'].items():
+        print(f"  scored {_name(m):<26}" + ', '.join(f"{row[k]:.3f}" for k in BETTER))
+
+
+def plot_cascade(images: Tensor, figure_maps: dict[str, dict[str, Tensor]], title: str) -> Figure:
+    """Adebayo's Fig. 2: one row per (image, method), one column per cascade step (trained first),
+    each map over its image. images uint8 (n, C, H, W) on the CPU, figure_maps {step: {method: (n, H, W)}}."""
+    plt = pyplot()
+    steps = list(figure_maps)
+    methods = list(figure_maps['trained'])
+    rows = [(i, m) for i in range(len(images)) for m in methods]
+    fig, axes = plt.subplots(len(rows), len(steps), figsize=(1.1 * len(steps) + 1, 1.1 * len(rows) + 0.8),
+                             squeeze=False, layout='constrained')
+    for r, (i, m) in enumerate(rows):
+        rgb = images[i].expand(3, -1, -1)  # overlay wants 3 channels; grey images are repeated
+        for c, step in enumerate(steps):
+            ax = axes[r, c]
+            ax.imshow(overlay(rgb, figure_maps[step][m][i]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(step, fontsize=6, rotation=30)
+            if c == 0:
+                ax.set_ylabel(f"#{i} {LABELS[m]}", fontsize=6)
+    fig.suptitle(f"{title}\ncascading randomisation: columns re-initialise one more layer group, head first", fontsize=8)
+    return fig
+
+
+def plot_rank_correlation(record: dict, title: str) -> Figure:
+    """Spearman rho (mean, 95% interval) of each method's maps with the trained maps vs cascade step."""
+    plt = pyplot()
+    steps = list(record['cascade'])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = list(range(len(steps)))
+    for m in next(iter(record['cascade'].values())):
+        rho = [record['cascade'][s][m]['rho'] for s in steps]
+        lo = [record['cascade'][s][m]['lo'] for s in steps]
+        hi = [record['cascade'][s][m]['hi'] for s in steps]
+        ax.plot(x, rho, marker='o', label=LABELS[m])
+        ax.fill_between(x, lo, hi, alpha=0.2)
+    ax.axhline(0, color='gray', linewidth=0.8)
+    ax.set_xticks(x, steps, rotation=30, fontsize=7, ha='right')
+    ax.set_xlabel('randomised from the head down to (cumulative)', fontsize=8)
+    ax.set_ylabel('Spearman rho with trained maps')
+    ax.set_title(f"{title}: a map that explains the model falls towards 0", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
