@@ -111,12 +111,12 @@ def score(model: nn.Module, split: Split, layer: nn.Module, fc: nn.Linear, datas
     kw = dict(steps=config['faithfulness_steps'], batch_size=config['batch_size'], seed=config['seed'])
     chosen = substrate_for(dataset, config['substrate'])
     out = {'substrate': chosen, 'images': len(idx), **faithfulness(model, x, layer, fc, split.mean, split.std, chosen, **kw)}
-    out['comparisons'] = method_comparisons(out.pop('values'), config['seed'])  # paired, Holm over the table
+    out['comparisons'] = method_comparisons(out.pop('per_image'), config['seed'])  # paired, Holm over the table
     if config['sensitivity']:
         other = 'rise' if chosen == 'black' else 'black'
         other_table = faithfulness(model, x, layer, fc, split.mean, split.std, other, **kw)
         out['sensitivity'] = {'substrate': other, 'table': other_table['table'], 'checks': other_table['checks'],
-                              'comparisons': method_comparisons(other_table['values'], config['seed'])}
+                              'comparisons': method_comparisons(other_table['per_image'], config['seed'])}
     return out
 
 

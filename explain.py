@@ -421,8 +421,8 @@ def faithfulness(model: nn.Module, images: Tensor, layer: nn.Module, fc: nn.Line
     """The faithfulness table of every method and baseline on normalised images (N, C, H, W), for
     the predicted class, `substrate` (SUBSTRATES) being what a removed pixel becomes in all four
     metrics: {'table': {map: {metric: mean, 'ci95': {metric: [lo, hi]}, ...}}, 'curves': {map:
-    {'deletion' | 'insertion': mean curve}}, 'checks': {...}, 'values': {map: {metric: (N,) per image}}}
-    (values are tensors, for paired comparisons: not JSON). Baselines: BASELINES, object_prior included.
+    {'deletion' | 'insertion': mean curve}}, 'checks': {...}, 'per_image': {map: {metric: [N values]}}}
+    (per_image: for paired comparisons across maps, sanity.method_comparisons). Baselines: BASELINES.
 
     Every number has a 95% bootstrap interval over images; each method (and the constant map) is
     compared with the baselines image by image ('vs'), and `beats_<baseline>` is True only when it
@@ -465,7 +465,8 @@ def faithfulness(model: nn.Module, images: Tensor, layer: nn.Module, fc: nn.Line
     checks = {'cam_vs_grad_cam_max_abs_diff': cam_vs_grad_cam,
               'insertion_start': _start_checks(torch.cat(start_kept), torch.cat(start_p), fc.out_features)}
     n = len(images)
-    return {'table': table, 'checks': checks, 'values': values,  # values: per-image tensors, for paired tests
+    return {'table': table, 'checks': checks,
+            'per_image': {m: {k: v.tolist() for k, v in vs.items()} for m, vs in values.items()},  # paired tests
             'curves': {m: {kind: (c / n).tolist() for kind, c in cs.items()} for m, cs in curves.items()}}
 
 

@@ -35,13 +35,14 @@ def holm(p: list[float]) -> list[float]:
     return adjusted
 
 
-def paired_family(values: dict[str, dict[str, Tensor]], pairs: list[tuple[str, str]], family: str,
+def paired_family(values: dict[str, dict[str, Tensor | list[float]]], pairs: list[tuple[str, str]], family: str,
                   seed: int = 0) -> dict:
     """Map a vs map b, image by image (explain.compare), on every metric of BETTER for every pair,
     Holm-corrected over all of them (the family, described in words by `family`). values: {map:
-    {metric: (N,)}}. Returns {'family', 'size', 'level', 'correction', 'pairs': {'<a>_vs_<b>': {metric:
+    {metric: (N,) tensor or list}}. Returns {'family', 'size', 'level', 'correction', 'pairs': {'<a>_vs_<b>': {metric:
     {diff, lo, hi, p, p_holm, verdict}}}}; verdict is a's: 'better' / 'worse' when p_holm < LEVEL, else 'tie'."""
-    raw = {(a, b, k): compare(values[a][k], values[b][k], better, seed) for a, b in pairs for k, better in BETTER.items()}
+    v = {m: {k: torch.as_tensor(x) for k, x in row.items()} for m, row in values.items()}  # lists welcome
+    raw = {(a, b, k): compare(v[a][k], v[b][k], better, seed) for a, b in pairs for k, better in BETTER.items()}
     adjusted = dict(zip(raw, holm([r['p'] for r in raw.values()])))
     out: dict = {}
     for (a, b, k), r in raw.items():
@@ -52,7 +53,7 @@ def paired_family(values: dict[str, dict[str, Tensor]], pairs: list[tuple[str, s
     return {'family': family, 'size': len(raw), 'level': LEVEL, 'correction': 'Holm', 'pairs': out}
 
 
-def method_comparisons(values: dict[str, dict[str, Tensor]], seed: int = 0) -> dict:
+def method_comparisons(values: dict[str, dict[str, Tensor | list[float]]], seed: int = 0) -> dict:
     """Every pair of the methods and the object prior, on one faithfulness table's images and metrics."""
     maps = (*METHODS, 'object_prior')
     pairs = list(itertools.combinations(maps, 2))
