@@ -2,8 +2,9 @@
 
 Explains exercise 1.3's CNN (part 1) and torchvision's ImageNet ResNet-18 on Imagenette val
 (part 2: not held out, see NOT_HELD_OUT) with CAM, Grad-CAM and Grad-CAM++, shows example maps,
-and scores how faithful each map is against random and constant baselines, with 95% intervals
-(explain.faithfulness). Writes figures and results.json to runs/exercise_2_3/<run>/. What each
+and scores how faithful each map is against random, constant and object-prior baselines, with 95%
+intervals (explain.faithfulness), paired Holm-corrected comparisons between maps and, for part 1,
+Adebayo et al.'s cascading randomisation (sanity.py). Writes figures and results.json to runs/exercise_2_3/<run>/. What each
 choice means, and the measured results: docs/exercise_2_3.md.
 
     python exercise_2_3.py                                   # newest 1.3 checkpoint + ResNet-18
@@ -124,8 +125,8 @@ def explain_model(run: Run, model: nn.Module, layer: nn.Module, fc: nn.Linear, s
                   classes: list[str], prefix: str, label: str, config: dict, *, dataset: str, images: int, what: str,
                   examples: str, to_assets: bool) -> dict:
     """Part 1's or part 2's tail: map size, example figures (titled `examples`), the faithfulness of
-    `images` of split (`what` they are, for titles) printed, drawn and logged as tables. Returns
-    {prefix, prefix_sensitivity, 'setup', prefix_curves, 'warnings', 'figures'}."""
+    `images` of split (`what` they are, for titles) and its paired comparisons printed, drawn and logged
+    as tables. Returns {prefix, prefix_sensitivity, prefix_comparisons, 'setup', prefix_curves, 'warnings', 'figures'}."""
     hw, warnings = check_maps(model, split.normalize(split.x[:1]), layer, fc, acc, len(classes), config)
     copy_to = os.path.join(HERE, config['assets_dir']) if to_assets else None
     paths = run.log_figures(example_figures(model, split, probs, classes, layer, fc, prefix, examples,
@@ -133,18 +134,15 @@ def explain_model(run: Run, model: nn.Module, layer: nn.Module, fc: nn.Linear, s
     faith = score(model, split, layer, fc, dataset, images, config)
     table, sensitivity = faith['table'], faith.get('sensitivity')
     title = f"{label}, {faith['images']} {what}, {config['faithfulness_steps']} steps"
-    print_table(title, table, faith['substrate'], faith['checks'])
+    tables = [(title, faith, prefix)]
     if sensitivity:
-        print_table(f"{title}: SENSITIVITY", sensitivity['table'], sensitivity['substrate'], sensitivity['checks'],
-                    notes=False)
-    print_comparisons(title, faith['comparisons'])
-    if sensitivity:
-        print_comparisons(f"{title}, substrate '{sensitivity['substrate']}'", sensitivity['comparisons'])
+        tables.append((f"{title}: SENSITIVITY", sensitivity, f'{prefix}_sensitivity'))
+    for heading, t, name in tables:
+        print_table(heading, t['table'], t['substrate'], t['checks'], notes=t is faith)
+        print_comparisons(heading, t['comparisons'])
+        run.log_table(f'{name}_faithfulness_table', table_rows(t['table']))  # one-off results: tables, not curves
     curves = plot_faithfulness(faith['curves'], table, title, faith['substrate'])
     paths += run.log_figures({f'{prefix}_faithfulness': curves}, copy_to, 'ex23_')
-    run.log_table(f'{prefix}_faithfulness_table', table_rows(table))  # one-off results: tables, not curves
-    if sensitivity:
-        run.log_table(f'{prefix}_sensitivity_faithfulness_table', table_rows(sensitivity['table']))
     setup = describe(faith['images'], config['faithfulness_steps'], tuple(split.x.shape[2:]), hw, faith['substrate'],
                      sensitivity and sensitivity['substrate'], faith['checks'], config['seed'])
     return {prefix: table, f'{prefix}_sensitivity': sensitivity, f'{prefix}_comparisons': faith['comparisons'],
