@@ -4,8 +4,8 @@ Explains exercise 1.3's CNN (part 1) and torchvision's ImageNet ResNet-18 on Ima
 (part 2: not held out, see NOT_HELD_OUT) with CAM, Grad-CAM and Grad-CAM++, shows example maps,
 and scores how faithful each map is against random, constant and object-prior baselines, with 95%
 intervals (explain.faithfulness), paired Holm-corrected comparisons between maps and, for part 1,
-Adebayo et al.'s cascading randomisation (sanity.py). Writes figures and results.json to runs/exercise_2_3/<run>/. What each
-choice means, and the measured results: docs/exercise_2_3.md.
+Adebayo et al.'s cascading randomisation (sanity.py). Writes figures and results.json to
+runs/exercise_2_3/<run>/. What each choice means, and the measured results: docs/exercise_2_3.md.
 
     python exercise_2_3.py                                   # newest 1.3 checkpoint + ResNet-18
     python exercise_2_3.py --checkpoint runs/exercise_1_3/<run>/checkpoints/best.pt --part cnn
@@ -111,7 +111,8 @@ def score(model: nn.Module, split: Split, layer: nn.Module, fc: nn.Linear, datas
     x = split.normalize(split.x[idx])
     kw = dict(steps=config['faithfulness_steps'], batch_size=config['batch_size'], seed=config['seed'])
     chosen = substrate_for(dataset, config['substrate'])
-    out = {'substrate': chosen, 'images': len(idx), **faithfulness(model, x, layer, fc, split.mean, split.std, chosen, **kw)}
+    out = {'substrate': chosen, 'images': len(idx),
+           **faithfulness(model, x, layer, fc, split.mean, split.std, chosen, **kw)}
     out['comparisons'] = method_comparisons(out.pop('per_image'), config['seed'])  # paired, Holm over the table
     if config['sensitivity']:
         other = 'rise' if chosen == 'black' else 'black'
@@ -126,7 +127,8 @@ def explain_model(run: Run, model: nn.Module, layer: nn.Module, fc: nn.Linear, s
                   examples: str, to_assets: bool) -> dict:
     """Part 1's or part 2's tail: map size, example figures (titled `examples`), the faithfulness of
     `images` of split (`what` they are, for titles) and its paired comparisons printed, drawn and logged
-    as tables. Returns {prefix, prefix_sensitivity, prefix_comparisons, 'setup', prefix_curves, 'warnings', 'figures'}."""
+    as tables. Returns {prefix, prefix_sensitivity, prefix_comparisons, 'setup', prefix_curves, 'warnings',
+    'figures'}."""
     hw, warnings = check_maps(model, split.normalize(split.x[:1]), layer, fc, acc, len(classes), config)
     copy_to = os.path.join(HERE, config['assets_dir']) if to_assets else None
     paths = run.log_figures(example_figures(model, split, probs, classes, layer, fc, prefix, examples,

@@ -467,7 +467,8 @@ def faithfulness(model: nn.Module, images: Tensor, layer: nn.Module, fc: nn.Line
     n = len(images)
     return {'table': table, 'checks': checks,
             'per_image': {m: {k: v.tolist() for k, v in vs.items()} for m, vs in values.items()},  # paired tests
-            'curves': {m: {kind: (c / n).tolist() for kind, c in cs.items()} for m, cs in curves.items()}}
+            'curves': {m: {kind: [float(f'{v:.4g}') for v in (c / n).tolist()] for kind, c in cs.items()}  # 4 digits:
+                       for m, cs in curves.items()}}                                                # records stay small
 
 
 def table_rows(table: dict) -> list[dict]:

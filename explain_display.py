@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 LABELS = {'cam': 'CAM', 'grad_cam': 'Grad-CAM', 'grad_cam_pp': 'Grad-CAM++', 'random': 'random',
           'random_smooth': 'random smooth', 'constant': 'constant', 'object_prior': 'object prior'}
+LINESTYLE = {'random': '--', 'random_smooth': ':', 'constant': '-.', 'object_prior': (0, (5, 1, 1, 1))}  # baselines
 MARK = {'better': '+', 'worse': '-', 'tie': '='}  # a paired verdict in the printed table
 SHORT = {'black': 'removed = black, insertion from black', 'rise': 'removed = mean colour, insertion from a blur'}
 
@@ -120,7 +121,7 @@ def plot_faithfulness(curves: dict, table: dict, title: str, substrate: str) -> 
         for m, cs in curves.items():
             x = torch.linspace(0, 1, len(cs[kind])).tolist()
             ax.plot(x, cs[kind], label=f"{LABELS[m]} (AUC {table[m][f'{kind}_auc']:.3f})",
-                    linestyle={'random': '--', 'random_smooth': ':', 'constant': '-.', 'object_prior': (0, (5, 1, 1, 1))}.get(m, '-'),
+                    linestyle=LINESTYLE.get(m, '-'),
                     color='gray' if m in BASELINES else None)
         what = {('black', 'deletion'): 'deleted (set to black)', ('black', 'insertion'): 'inserted into a black image',
                 ('rise', 'deletion'): 'deleted (set to the mean colour)',
@@ -177,7 +178,8 @@ def print_cascade(record: dict) -> None:
     """Spearman rank correlation with the trained maps at each cascade step (sanity.sanity_checks)."""
     print(f"\nsanity checks (Adebayo et al. 2018), {record['images']} images: cascading randomisation from the head "
           f"down, Spearman rho of each method's maps with the trained model's (mean, 95% interval)")
-    print(f"  {'step: randomised up to':<24}" + ''.join(f"{LABELS[m]:>26}" for m in next(iter(record['cascade'].values()))))
+    methods = next(iter(record['cascade'].values()))
+    print(f"  {'step: randomised up to':<24}" + ''.join(f"{LABELS[m]:>26}" for m in methods))
     for step, row in record['cascade'].items():
         print(f"  {step:<24}" + ''.join(f"{r['rho']:>+8.2f} ({r['lo']:+.2f} to {r['hi']:+.2f})" for r in row.values()))
     faith = record['faithfulness']
@@ -207,7 +209,8 @@ def plot_cascade(images: Tensor, figure_maps: dict[str, dict[str, Tensor]], titl
                 ax.set_title(step, fontsize=6, rotation=30)
             if c == 0:
                 ax.set_ylabel(f"#{i} {LABELS[m]}", fontsize=6)
-    fig.suptitle(f"{title}\ncascading randomisation: columns re-initialise one more layer group, head first", fontsize=8)
+    fig.suptitle(f"{title}\ncascading randomisation: columns re-initialise one more layer group, head first",
+                 fontsize=8)
     return fig
 
 

@@ -24,6 +24,18 @@ BATCHNORM = ('a randomised group restarts its BatchNorm layers (weight 1, bias 0
 
 # ----------------------------------------------------------------------------- paired families
 
+def significant(obj, digits: int = 4):
+    """obj with every float rounded to `digits` significant digits (dicts and lists walked): these
+    records are read by people and must fit a 64 KB record (tests/test_records.py)."""
+    if isinstance(obj, float):
+        return float(f'{obj:.{digits}g}')
+    if isinstance(obj, dict):
+        return {k: significant(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [significant(v, digits) for v in obj]
+    return obj
+
+
 def holm(p: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values, in the order given: the k-th smallest of m is multiplied by
     m - k + 1 (k from 1), capped at 1 and made non-decreasing along that order."""
@@ -50,7 +62,7 @@ def paired_family(values: dict[str, dict[str, Tensor | list[float]]], pairs: lis
         verdict = ('better' if good else 'worse') if adjusted[a, b, k] < LEVEL else 'tie'
         out.setdefault(f'{a}_vs_{b}', {})[k] = {'diff': r['diff'], 'lo': r['ci95'][0], 'hi': r['ci95'][1],
                                                 'p': r['p'], 'p_holm': adjusted[a, b, k], 'verdict': verdict}
-    return {'family': family, 'size': len(raw), 'level': LEVEL, 'correction': 'Holm', 'pairs': out}
+    return {'family': family, 'size': len(raw), 'level': LEVEL, 'correction': 'Holm', 'pairs': significant(out)}
 
 
 def method_comparisons(values: dict[str, dict[str, Tensor | list[float]]], seed: int = 0) -> dict:
@@ -96,7 +108,8 @@ def randomise(model: nn.Module, names: list[str], seed: int) -> nn.Module:
 def refresh_batchnorm(model: nn.Module, names: list[str], images: Tensor, batch: int) -> None:
     """Re-estimate the running statistics of the BatchNorm layers inside the named modules (only
     those) on images (N, C, H, W): a cumulative average over batches, the rest of the model in eval mode."""
-    norms = [m for n in names for m in model.get_submodule(n).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for n in names for m in model.get_submodule(n).modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     model.eval()
     momenta = [bn.momentum for bn in norms]
     for bn in norms:
@@ -135,7 +148,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 
 def _rho(rho: Tensor, flat: Tensor, seed: int) -> dict:
     lo, hi = bootstrap_ci(rho, seed=seed)
-    return {'rho': rho.mean().item(), 'lo': lo, 'hi': hi, 'flat_maps': flat.float().mean().item()}
+    return significant({'rho': rho.mean().item(), 'lo': lo, 'hi': hi, 'flat_maps': flat.float().mean().item()})
 
 
 def _scored(model: nn.Module, images: Tensor, maps: dict[str, Tensor], substrate: str, mean: Tensor, std: Tensor,
@@ -148,7 +161,8 @@ def _scored(model: nn.Module, images: Tensor, maps: dict[str, Tensor], substrate
     for i in range(0, len(images), batch):
         xb, tb = images[i:i + batch], ties[i:i + batch]
         for m, v in maps.items():
-            rows[m].append({k: s.cpu() for k, s in map_scores(model, xb, v[i:i + batch], removed, start, steps, tb)[0].items()})
+            per_image, _ = map_scores(model, xb, v[i:i + batch], removed, start, steps, tb)
+            rows[m].append({k: s.cpu() for k, s in per_image.items()})
     return {m: {k: torch.cat([r[k] for r in rs]) for k in BETTER} for m, rs in rows.items()}
 
 
@@ -177,8 +191,9 @@ def sanity_checks(model: nn.Module, images: Tensor, mean: Tensor, std: Tensor, s
     family = (f"each method's fully randomised maps vs its trained maps and vs i.i.d. random maps, on the trained "
               f"model, {len(BETTER)} metrics ({len(pairs) * len(BETTER)} paired comparisons), Holm at {LEVEL}")
     record['faithfulness'] = {
-        'table': {m: {**{k: v.mean().item() for k, v in values[m].items()},
-                      'ci95': {k: bootstrap_ci(v, seed=seed) for k, v in values[m].items()}} for m in values},
+        'table': significant({m: {**{k: v.mean().item() for k, v in row.items()},
+                                  'ci95': {k: bootstrap_ci(v, seed=seed) for k, v in row.items()}}
+                              for m, row in values.items()}),
         'comparisons': paired_family(values, pairs, family, seed), 'substrate': substrate, 'steps': steps,
         'scored_on': 'the trained model (its predicted class): do maps of a model that knows nothing still '
                      'pass the faithfulness test?'}

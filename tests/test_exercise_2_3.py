@@ -18,7 +18,8 @@ from synthetic import write_cifar10
 MAPS = {'cam', 'grad_cam', 'grad_cam_pp', 'random', 'random_smooth', 'constant', 'object_prior'}  # every table's rows
 CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 TINY = ['--wandb', 'off', '--device', 'cpu', '--faithfulness_images', '12', '--faithfulness_steps', '4',
-        '--sanity_images', '12', '--per_class', '[1,1]', '--batch_size', '16', '--sensitivity', 'False']  # part 1's smoke test turns it on
+        '--sanity_images', '12', '--per_class', '[1,1]', '--batch_size', '16',
+        '--sensitivity', 'False']  # part 1's smoke test turns it on
 
 
 def write_imagenette(root, per_class: int = 2, size=(72, 88)) -> str:
