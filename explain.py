@@ -308,19 +308,20 @@ def bootstrap_ci(values: Tensor, resamples: int = 2000, seed: int = 0, level: fl
     return [lo.item(), hi.item()]
 
 
-def compare(ours: Tensor, theirs: Tensor, better: str, seed: int = 0, resamples: int = 2000) -> dict:
+def compare(ours: Tensor, theirs: Tensor, better: str, seed: int = 0, resamples: int = 2000,
+            with_p: bool = False) -> dict:
     """Paired comparison of per-image values (N,) of one metric ('lower' or 'higher' is better):
     the mean difference ours - theirs, its 95% paired bootstrap interval, the verdict ('better' /
-    'worse' only when the interval excludes 0, else 'tie') and p, the two-sided bootstrap p-value
-    2 * min(share of resampled means <= 0, share >= 0), +1-smoothed and capped at 1: a tie of a
-    map with itself has p = 1."""
+    'worse' only when the interval excludes 0, else 'tie') and, with_p, 'p': the two-sided bootstrap
+    p-value 2 * min(share of resampled means <= 0, share >= 0), +1-smoothed and capped at 1 (a map
+    compared with itself has p = 1)."""
     d = ours.double() - theirs.double()
     means = _bootstrap_means(d, resamples, seed)
     lo, hi = bootstrap_ci(d, resamples, seed)
     tail = min((means <= 0).sum().item(), (means >= 0).sum().item())
     good, bad = (hi < 0, lo > 0) if better == 'lower' else (lo > 0, hi < 0)
-    return {'diff': d.mean().item(), 'ci95': [lo, hi], 'verdict': 'better' if good else 'worse' if bad else 'tie',
-            'p': min(1.0, 2 * (tail + 1) / (resamples + 1))}
+    out = {'diff': d.mean().item(), 'ci95': [lo, hi], 'verdict': 'better' if good else 'worse' if bad else 'tie'}
+    return out | ({'p': min(1.0, 2 * (tail + 1) / (resamples + 1))} if with_p else {})
 
 
 # ----------------------------------------------------------------------------- the faithfulness table

@@ -16,10 +16,8 @@ from torch import Tensor, nn
 from explain import BETTER, METHODS, bootstrap_ci, compare, explain_all, map_scores, predict, substrate_fns
 
 LEVEL = 0.05  # family-wise error rate of every Holm-corrected family
-BATCHNORM = ('a randomised group restarts its BatchNorm layers (weight 1, bias 0) and re-estimates their running '
-             'statistics on the explained images; every BatchNorm outside the randomised groups keeps its trained '
-             'statistics, bit-identical. Stale statistics would mis-scale the random layers\' outputs, so the maps '
-             'would measure a broken network rather than a random one')
+BATCHNORM = ('randomised groups: weight 1, bias 0, running statistics re-estimated on the explained images (stale '
+             'ones would mis-scale the random layers); every other BatchNorm keeps its trained statistics')
 
 
 # ----------------------------------------------------------------------------- paired families
@@ -54,7 +52,7 @@ def paired_family(values: dict[str, dict[str, Tensor | list[float]]], pairs: lis
     {metric: (N,) tensor or list}}. Returns {'family', 'size', 'level', 'correction', 'pairs': {'<a>_vs_<b>': {metric:
     {diff, lo, hi, p, p_holm, verdict}}}}; verdict is a's: 'better' / 'worse' when p_holm < LEVEL, else 'tie'."""
     v = {m: {k: torch.as_tensor(x) for k, x in row.items()} for m, row in values.items()}  # lists welcome
-    raw = {(a, b, k): compare(v[a][k], v[b][k], better, seed) for a, b in pairs for k, better in BETTER.items()}
+    raw = {(a, b, k): compare(v[a][k], v[b][k], better, seed, with_p=True) for a, b in pairs for k, better in BETTER.items()}
     adjusted = dict(zip(raw, holm([r['p'] for r in raw.values()])))
     out: dict = {}
     for (a, b, k), r in raw.items():
@@ -170,18 +168,21 @@ def sanity_checks(model: nn.Module, images: Tensor, mean: Tensor, std: Tensor, s
                   batch_size: int, seed: int, shown: int = 3) -> tuple[dict, dict]:
     """Cascading randomisation of a models.CNN on normalised images (N, C, H, W), every map of the
     trained model's predicted class. Returns (record, figure maps): record = {'cascade': {step: {method:
-    {rho, lo, hi, flat_maps}}}, 'randomised_modules': {step: names}, 'faithfulness': the trained and the
-    fully randomised model's maps (and i.i.d. random) scored on the trained model, with a Holm family,
-    ...}; figure maps = {'trained' | step: {method: the first `shown` maps}}."""
+    {rho, lo, hi, flat_maps}}}, 'randomised_modules': {step: the names it re-initialised}, 'faithfulness':
+    the trained and the fully randomised model's maps (and i.i.d. random) scored on the trained model:
+    mean per metric, and a Holm family of paired comparisons (their intervals), ...}; figure maps =
+    {'trained' | step: {method: the first `shown` maps}}."""
     _, classes = predict(model, images)
     trained = explain_all(model, images, model.features, model.classifier, batch_size, classes)
     record: dict = {'cascade': {}, 'randomised_modules': {}}
+    done: list[str] = []
     figure = {'trained': {m: v[:shown].cpu() for m, v in trained.items()}}
     for step, randomised, names in cascade(model, images, seed, batch_size):
         maps = explain_all(randomised, images, randomised.features, randomised.classifier, batch_size, classes)
         record['cascade'][step] = {m: _rho(spearman(trained[m], maps[m]), maps[m].flatten(1).amax(1) == 0, seed)
                                    for m in METHODS}
-        record['randomised_modules'][step] = names
+        record['randomised_modules'][step] = names[len(done):]  # this step's group; the earlier ones stay random
+        done = names
         figure[step] = {m: v[:shown].cpu() for m, v in maps.items()}
     g = torch.Generator().manual_seed(seed)
     scored = {**trained, **{f'{m}_randomised': v for m, v in maps.items()},
@@ -191,9 +192,7 @@ def sanity_checks(model: nn.Module, images: Tensor, mean: Tensor, std: Tensor, s
     family = (f"each method's fully randomised maps vs its trained maps and vs i.i.d. random maps, on the trained "
               f"model, {len(BETTER)} metrics ({len(pairs) * len(BETTER)} paired comparisons), Holm at {LEVEL}")
     record['faithfulness'] = {
-        'table': significant({m: {**{k: v.mean().item() for k, v in row.items()},
-                                  'ci95': {k: bootstrap_ci(v, seed=seed) for k, v in row.items()}}
-                              for m, row in values.items()}),
+        'table': significant({m: {k: v.mean().item() for k, v in row.items()} for m, row in values.items()}),
         'comparisons': paired_family(values, pairs, family, seed), 'substrate': substrate, 'steps': steps,
         'scored_on': 'the trained model (its predicted class): do maps of a model that knows nothing still '
                      'pass the faithfulness test?'}

@@ -139,8 +139,9 @@ def test_part1_smoke_writes_figures_and_faithfulness(tiny_checkpoint, tmp_path, 
     runs = str(tmp_path / 'runs')
     cli(ex23.main, ex23.config, ['--checkpoint', tiny_checkpoint['path'], '--part', 'cnn',
                                  '--assets_dir', str(tmp_path / 'assets'), '--runs_dir', runs, '--run_name', 'p1',
-                                 *TINY, '--sensitivity', 'True'])
+                                 *TINY, '--sensitivity', 'True', '--faithfulness_steps', '32'])
     run_dir, results = results_of(runs, 'p1')
+    assert os.path.getsize(os.path.join(run_dir, 'results.json')) <= 64 * 1024  # fits a record (test_records.py)
     assert results['cnn_setup']['dataset'] == 'cifar10' and results['cnn_setup']['images'] == 12
     assert results['cnn_setup']['substrate'] == 'rise' and results['cnn_sensitivity']['substrate'] == 'black'
     assert results['cnn_setup']['map_size'] == [4, 4]
