@@ -219,15 +219,13 @@ def plot_rank_correlation(record: dict, title: str) -> Figure:
     plt = pyplot()
     steps = list(record['cascade'])
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    x = list(range(len(steps)))
-    for m in next(iter(record['cascade'].values())):
-        rho = [record['cascade'][s][m]['rho'] for s in steps]
-        lo = [record['cascade'][s][m]['lo'] for s in steps]
-        hi = [record['cascade'][s][m]['hi'] for s in steps]
-        ax.plot(x, rho, marker='o', label=LABELS[m])
+    x = list(range(len(steps) + 1))  # 0: the trained model, rho 1 by definition
+    for m, style in zip(next(iter(record['cascade'].values())), ('--', ':', '-')):  # CAM = Grad-CAM: both visible
+        rho, lo, hi = ([1.0] + [record['cascade'][s][m][k] for s in steps] for k in ('rho', 'lo', 'hi'))
+        ax.plot(x, rho, marker='o', linestyle=style, label=LABELS[m])
         ax.fill_between(x, lo, hi, alpha=0.2)
     ax.axhline(0, color='gray', linewidth=0.8)
-    ax.set_xticks(x, steps, rotation=30, fontsize=7, ha='right')
+    ax.set_xticks(x, ['trained', *steps], rotation=30, fontsize=7, ha='right')
     ax.set_xlabel('randomised from the head down to (cumulative)', fontsize=8)
     ax.set_ylabel('Spearman rho with trained maps')
     ax.set_title(f"{title}: a map that explains the model falls towards 0", fontsize=9)
