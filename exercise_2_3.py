@@ -24,9 +24,9 @@ from checkpoint import Checkpoint
 from config import COMMON, DATA, RUNS, SCHEDULE, UserError, cli, keys_with
 from dataset import DATASETS, Split, dataset_names, load_data, load_imagenette, spread
 from evaluate import check_model_on_data, load_model
-from explain import describe, faithfulness, map_size, predict_all, table_rows
+from explain import describe, faithfulness, map_size, predict_all
 from explain_display import (example_figures, plot_cascade, plot_faithfulness, plot_rank_correlation, print_cascade,
-                             print_comparisons, print_table)
+                             print_comparisons, print_table, table_rows)
 from files import write_json
 from models import CNN, IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_TO_IMAGENET, build_resnet18, restrict_head
 from provenance import data_fingerprint, split_fingerprint

@@ -1,7 +1,7 @@
 """How exercise 2.3 shows what explain.py and sanity.py measure: the faithfulness table, the paired
-comparisons and the randomisation cascade on the console; grids of example maps over their images
-(`overlay`), the deletion / insertion curves and the cascade's figures. A module of its own so that
-explain.py and sanity.py hold the measures only."""
+comparisons and the randomisation cascade on the console (and a table as flat rows for the loggers);
+grids of example maps over their images (`overlay`), the deletion / insertion curves and the
+cascade's figures. A module of its own so that explain.py and sanity.py hold the measures only."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -49,6 +49,15 @@ def print_table(title: str, table: dict, substrate: str, checks: dict, notes: bo
           "(Average Drop, Increase)")
     print(f"  CAM and Grad-CAM are one result, not two: with GAP + one linear layer Grad-CAM = ReLU(CAM) / (h*w), "
           f"the same after min-max (max |diff| {checks['cam_vs_grad_cam_max_abs_diff']:.1e})")
+
+
+def table_rows(table: dict) -> list[dict]:
+    """A faithfulness table as flat rows, one per map (each metric, its interval and its verdicts)."""
+    return [{'method': m, **{k: v for k, v in row.items() if k in BETTER},
+             **{f'{k}/ci95_{end}': ci[i] for k, ci in row.get('ci95', {}).items() for i, end in enumerate(('low', 'high'))},
+             **{f'{k}/{metric}': won for k, wins in row.items() if k.startswith('beats_')
+                for metric, won in wins.items()}}
+            for m, row in table.items()]
 
 
 def pick_examples(y: Tensor, pred: Tensor, n_correct: int, n_wrong: int, num_classes: int) -> dict[str, list[int]]:
