@@ -2,9 +2,10 @@
 
 Explains exercise 1.3's CNN (part 1) and torchvision's ImageNet ResNet-18 on Imagenette val
 (part 2: not held out, see NOT_HELD_OUT) with CAM, Grad-CAM and Grad-CAM++, shows example maps,
-and scores how faithful each map is against random and constant baselines, with 95% intervals
-(explain.faithfulness). Writes figures and results.json to runs/exercise_2_3/<run>/. What each
-choice means, and the measured results: docs/exercise_2_3.md.
+and scores how faithful each map is against random, constant and object-prior baselines, with 95%
+intervals (explain.faithfulness), paired Holm-corrected comparisons between maps and, for part 1,
+Adebayo et al.'s cascading randomisation (sanity.py). Writes figures and results.json to
+runs/exercise_2_3/<run>/. What each choice means, and the measured results: docs/exercise_2_3.md.
 
     python exercise_2_3.py                                   # newest 1.3 checkpoint + ResNet-18
     python exercise_2_3.py --checkpoint runs/exercise_1_3/<run>/checkpoints/best.pt --part cnn
@@ -23,12 +24,14 @@ from checkpoint import Checkpoint
 from config import COMMON, DATA, RUNS, SCHEDULE, UserError, cli, keys_with
 from dataset import DATASETS, Split, dataset_names, load_data, load_imagenette, spread
 from evaluate import check_model_on_data, load_model
-from explain import describe, faithfulness, map_size, predict_all, table_rows
-from explain_display import example_figures, plot_faithfulness, print_table
+from explain import describe, faithfulness, map_size, predict_all
+from explain_display import (example_figures, plot_cascade, plot_faithfulness, plot_rank_correlation, print_cascade,
+                             print_comparisons, print_table, table_rows)
 from files import write_json
 from models import CNN, IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_TO_IMAGENET, build_resnet18, restrict_head
 from provenance import data_fingerprint, split_fingerprint
 from record import Run
+from sanity import method_comparisons, sanity_checks, significant
 
 EXERCISE = 'exercise_2_3'
 # What part 1's --checkpoint must hold: CAM needs conv feature maps (model.features) and a GAP + Linear head
@@ -47,6 +50,7 @@ config = {
     'faithfulness_steps': 32,       # deletion/insertion steps of H*W/steps pixels each (curves: steps + 1 points)
     'substrate': 'auto',            # auto (black on mnist, fashion_mnist, digits; else rise) | black | rise
     'sensitivity': True,            # also score every map with the other substrate (a sensitivity table)
+    'sanity_images': 200,           # part 1: test images (spread) for Adebayo's cascading randomisation (0 = skip)
     'min_map_size': 3,              # refuse target-layer maps smaller than this many cells a side (1x1 cannot localise)
     'weights': 'imagenet',          # imagenet (torchvision download) | random (smoke runs: meaningless maps)
     'image_size': 160,              # Imagenette: resize the shorter side, centre crop (px)
@@ -107,11 +111,16 @@ def score(model: nn.Module, split: Split, layer: nn.Module, fc: nn.Linear, datas
     x = split.normalize(split.x[idx])
     kw = dict(steps=config['faithfulness_steps'], batch_size=config['batch_size'], seed=config['seed'])
     chosen = substrate_for(dataset, config['substrate'])
-    out = {'substrate': chosen, 'images': len(idx), **faithfulness(model, x, layer, fc, split.mean, split.std, chosen, **kw)}
+    out = {'substrate': chosen, 'images': len(idx),
+           **faithfulness(model, x, layer, fc, split.mean, split.std, chosen, **kw)}
+    out['comparisons'] = method_comparisons(out.pop('per_image'), config['seed'])  # paired, Holm over the table
+    out['table'] = significant(out['table'])  # 4 digits: the record must fit 64 KB (tests/test_records.py)
     if config['sensitivity']:
         other = 'rise' if chosen == 'black' else 'black'
         other_table = faithfulness(model, x, layer, fc, split.mean, split.std, other, **kw)
-        out['sensitivity'] = {'substrate': other, 'table': other_table['table'], 'checks': other_table['checks']}
+        out['sensitivity'] = {'substrate': other, 'table': significant(other_table['table']),
+                              'checks': other_table['checks'],
+                              'comparisons': method_comparisons(other_table['per_image'], config['seed'])}
     return out
 
 
@@ -119,8 +128,9 @@ def explain_model(run: Run, model: nn.Module, layer: nn.Module, fc: nn.Linear, s
                   classes: list[str], prefix: str, label: str, config: dict, *, dataset: str, images: int, what: str,
                   examples: str, to_assets: bool) -> dict:
     """Part 1's or part 2's tail: map size, example figures (titled `examples`), the faithfulness of
-    `images` of split (`what` they are, for titles) printed, drawn and logged as tables. Returns
-    {prefix, prefix_sensitivity, 'setup', prefix_curves, 'warnings', 'figures'}."""
+    `images` of split (`what` they are, for titles) and its paired comparisons printed, drawn and logged
+    as tables. Returns {prefix, prefix_sensitivity, prefix_comparisons, 'setup', prefix_curves, 'warnings',
+    'figures'}."""
     hw, warnings = check_maps(model, split.normalize(split.x[:1]), layer, fc, acc, len(classes), config)
     copy_to = os.path.join(HERE, config['assets_dir']) if to_assets else None
     paths = run.log_figures(example_figures(model, split, probs, classes, layer, fc, prefix, examples,
@@ -128,19 +138,19 @@ def explain_model(run: Run, model: nn.Module, layer: nn.Module, fc: nn.Linear, s
     faith = score(model, split, layer, fc, dataset, images, config)
     table, sensitivity = faith['table'], faith.get('sensitivity')
     title = f"{label}, {faith['images']} {what}, {config['faithfulness_steps']} steps"
-    print_table(title, table, faith['substrate'], faith['checks'])
+    tables = [(title, faith, prefix)]
     if sensitivity:
-        print_table(f"{title}: SENSITIVITY", sensitivity['table'], sensitivity['substrate'], sensitivity['checks'],
-                    notes=False)
+        tables.append((f"{title}: SENSITIVITY", sensitivity, f'{prefix}_sensitivity'))
+    for heading, t, name in tables:
+        print_table(heading, t['table'], t['substrate'], t['checks'], notes=t is faith)
+        print_comparisons(heading, t['comparisons'])
+        run.log_table(f'{name}_faithfulness_table', table_rows(t['table']))  # one-off results: tables, not curves
     curves = plot_faithfulness(faith['curves'], table, title, faith['substrate'])
     paths += run.log_figures({f'{prefix}_faithfulness': curves}, copy_to, 'ex23_')
-    run.log_table(f'{prefix}_faithfulness_table', table_rows(table))  # one-off results: tables, not curves
-    if sensitivity:
-        run.log_table(f'{prefix}_sensitivity_faithfulness_table', table_rows(sensitivity['table']))
     setup = describe(faith['images'], config['faithfulness_steps'], tuple(split.x.shape[2:]), hw, faith['substrate'],
                      sensitivity and sensitivity['substrate'], faith['checks'], config['seed'])
-    return {prefix: table, f'{prefix}_sensitivity': sensitivity, 'setup': setup, f'{prefix}_curves': faith['curves'],
-            'warnings': warnings, 'figures': paths}
+    return {prefix: table, f'{prefix}_sensitivity': sensitivity, f'{prefix}_comparisons': faith['comparisons'],
+            'setup': setup, f'{prefix}_curves': faith['curves'], 'warnings': warnings, 'figures': paths}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +203,30 @@ def explain_cnn(run: Run, model: nn.Module, ckpt: Checkpoint, config: dict, over
                         examples=name, to_assets=config['assets'])
     setup = {'checkpoint': config['checkpoint'], 'dataset': data.name, 'data_dir': data_config['data_dir'],
              'test_acc': acc, 'test_images': len(test), **out.pop('setup'), 'data': data_fingerprint(data)}
-    return {'cnn': out['cnn'], 'cnn_sensitivity': out['cnn_sensitivity'], 'cnn_setup': setup,
-            'cnn_curves': out['cnn_curves'], 'warnings': out['warnings'], 'figures': out['figures']}
+    sanity, paths = run_sanity(run, model, test, data.name, config)
+    return {'cnn': out['cnn'], 'cnn_sensitivity': out['cnn_sensitivity'], 'cnn_comparisons': out['cnn_comparisons'],
+            'cnn_sanity': sanity, 'cnn_setup': setup, 'cnn_curves': out['cnn_curves'], 'warnings': out['warnings'],
+            'figures': out['figures'] + paths}
+
+
+def run_sanity(run: Run, model: nn.Module, split: Split, dataset: str, config: dict) -> tuple[dict | None, list[str]]:
+    """Adebayo's cascading randomisation (sanity.sanity_checks) on config['sanity_images'] images spread
+    over split: printed, drawn (maps per step, rho per step), logged. (None, []) when that is 0."""
+    if config['sanity_images'] <= 0:
+        return None, []
+    idx = spread(len(split), config['sanity_images']).to(split.x.device)
+    record, maps = sanity_checks(model, split.normalize(split.x[idx]), split.mean, split.std,
+                                 substrate_for(dataset, config['substrate']), steps=config['faithfulness_steps'],
+                                 batch_size=config['batch_size'], seed=config['seed'])
+    print_cascade(record)
+    print_comparisons('sanity checks', record['faithfulness']['comparisons'])
+    title = f"{type(model).__name__} {dataset}, {record['images']} test images"
+    copy_to = os.path.join(HERE, config['assets_dir']) if config['assets'] else None
+    paths = run.log_figures({'cnn_sanity_maps': plot_cascade(split.x[idx[:3]].cpu(), maps, title),
+                             'cnn_sanity_rank_correlation': plot_rank_correlation(record, title)}, copy_to, 'ex23_')
+    run.log_table('cnn_sanity_cascade', [{'step': step, 'method': m, **r} for step, row in record['cascade'].items()
+                                         for m, r in row.items()])
+    return record, paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +273,7 @@ def explain_resnet(run: Run, config: dict) -> dict:
              'val_images': len(val), 'image_size': config['image_size'], **out.pop('setup'),
              'data': {'dataset': 'imagenette', 'val': split_fingerprint(val)}}
     return {'resnet18': out['resnet18'], 'resnet18_sensitivity': out['resnet18_sensitivity'],
+            'resnet18_comparisons': out['resnet18_comparisons'],
             'resnet18_weights': config['weights'], 'resnet18_imagenette_val_acc': acc, 'resnet18_held_out': False,
             'resnet18_not_held_out': NOT_HELD_OUT, 'resnet18_warnings': out['warnings'],
             'resnet18_per_class_acc': dict(zip(classes, per_class)), 'resnet18_setup': setup,

@@ -2,9 +2,10 @@
 
 Owns the maps (one scalar weight per channel of a target layer's feature maps, post-processed
 as pytorch-grad-cam does), the faithfulness metrics (RISE deletion / insertion AUC, Grad-CAM++'s
-Average Drop / Increase in Confidence), the substrate a removed pixel becomes, the random and
-constant baselines, bootstrap intervals and paired verdicts, and `faithfulness`, the one table
-of them that exercise 2.3 prints and records. Why each choice: docs/exercise_2_3.md.
+Average Drop / Increase in Confidence), the substrate a removed pixel becomes, the random, constant
+and object-prior baselines, bootstrap intervals and paired verdicts (with p-values), and
+`faithfulness`, the one table of them that exercise 2.3 prints and records. Why each choice:
+docs/exercise_2_3.md.
 """
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import math
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-import matplotlib
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -294,42 +293,59 @@ def average_drop_increase(model: nn.Module, images: Tensor, maps: Tensor, class_
     return out | ({'average_drops': drops, 'increases': increases} if per_image else {})
 
 
-def bootstrap_ci(values: Tensor, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> list[float]:
-    """Percentile bootstrap interval [lo, hi] of the mean of per-image values (N,): images drawn with
-    replacement `resamples` times. Given paired differences (ours - theirs, image by image) it is the
-    paired bootstrap: both sides are resampled together, so what images share cancels."""
+def _bootstrap_means(values: Tensor, resamples: int, seed: int) -> Tensor:
+    """Means (resamples,) of per-image values (N,) drawn with replacement, seeded."""
     v = values.detach().double().cpu().flatten()
     idx = torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))
-    means = v[idx].mean(1)                                               # (resamples,)
+    return v[idx].mean(1)
+
+
+def _percentiles(means: Tensor, level: float) -> list[float]:
     lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.double))
     return [lo.item(), hi.item()]
 
 
-def compare(ours: Tensor, theirs: Tensor, better: str, seed: int = 0) -> dict:
+def bootstrap_ci(values: Tensor, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval [lo, hi] of the mean of per-image values (N,): images drawn with
+    replacement `resamples` times. Given paired differences (ours - theirs, image by image) it is the
+    paired bootstrap: both sides are resampled together, so what images share cancels."""
+    return _percentiles(_bootstrap_means(values, resamples, seed), level)
+
+
+def compare(ours: Tensor, theirs: Tensor, better: str, seed: int = 0, resamples: int = 2000,
+            with_p: bool = False) -> dict:
     """Paired comparison of per-image values (N,) of one metric ('lower' or 'higher' is better):
-    the mean difference ours - theirs, its 95% paired bootstrap interval, and the verdict:
-    'better' / 'worse' only when the interval excludes 0 (at 95% confidence), else 'tie'."""
+    the mean difference ours - theirs, its 95% paired bootstrap interval, the verdict ('better' /
+    'worse' only when the interval excludes 0, else 'tie') and, with_p, 'p': the two-sided bootstrap
+    p-value 2 * min(share of resampled means <= 0, share >= 0), +1-smoothed and capped at 1 (a map
+    compared with itself has p = 1)."""
     d = ours.double() - theirs.double()
-    lo, hi = bootstrap_ci(d, seed=seed)
+    means = _bootstrap_means(d, resamples, seed)  # the same resamples as bootstrap_ci(d, resamples, seed)
+    lo, hi = _percentiles(means, 0.95)
+    tail = min((means <= 0).sum().item(), (means >= 0).sum().item())
     good, bad = (hi < 0, lo > 0) if better == 'lower' else (lo > 0, hi < 0)
-    return {'diff': d.mean().item(), 'ci95': [lo, hi], 'verdict': 'better' if good else 'worse' if bad else 'tie'}
+    out = {'diff': d.mean().item(), 'ci95': [lo, hi], 'verdict': 'better' if good else 'worse' if bad else 'tie'}
+    return out | ({'p': min(1.0, 2 * (tail + 1) / (resamples + 1))} if with_p else {})
 
 
 # ----------------------------------------------------------------------------- the faithfulness table
 
 METHODS = ('cam', 'grad_cam', 'grad_cam_pp')
-BASELINES = ('random', 'random_smooth', 'constant')
+BASELINES = ('random', 'random_smooth', 'constant', 'object_prior')
 BETTER = {'deletion_auc': 'lower', 'insertion_auc': 'higher',  # how each metric rewards a faithful map
           'average_drop': 'lower', 'increase_in_confidence': 'higher'}
 DEL_INS, AD_IC = ('deletion_auc', 'insertion_auc'), ('average_drop', 'increase_in_confidence')
 SHUFFLED = (*METHODS, 'constant')  # maps whose Average Drop / Increase is also scored with their pixels shuffled
 
 
-def explain_all(model: nn.Module, x: Tensor, layer: nn.Module, fc: nn.Linear, batch: int) -> dict[str, Tensor]:
-    """{method: maps (B, H, W) in [0, 1]} of the predicted class for normalised images x (B, C, H, W)."""
-    fns = {'cam': lambda xb: cam(model, xb, layer, fc), 'grad_cam': lambda xb: grad_cam(model, xb, layer),
-           'grad_cam_pp': lambda xb: grad_cam_pp(model, xb, layer)}
-    return {m: torch.cat([fns[m](xb) for xb in x.split(batch)]) for m in METHODS}
+def explain_all(model: nn.Module, x: Tensor, layer: nn.Module, fc: nn.Linear, batch: int,
+                class_idx: Tensor | None = None) -> dict[str, Tensor]:
+    """{method: maps (B, H, W) in [0, 1]} for normalised images x (B, C, H, W), of the predicted
+    class or, given class_idx (B,), of those classes."""
+    classes = [None] * len(x.split(batch)) if class_idx is None else class_idx.split(batch)
+    fns = {'cam': lambda xb, c: cam(model, xb, layer, fc, c), 'grad_cam': lambda xb, c: grad_cam(model, xb, layer, c),
+           'grad_cam_pp': lambda xb, c: grad_cam_pp(model, xb, layer, c)}
+    return {m: torch.cat([fns[m](xb, c) for xb, c in zip(x.split(batch), classes)]) for m in METHODS}
 
 
 def predict_all(model: nn.Module, x: Tensor, normalize: Callable[[Tensor], Tensor], batch: int) -> Tensor:
@@ -350,6 +366,16 @@ def smooth_random_maps(shape: tuple[int, int, int], size: tuple[int, int], gener
     return _minmax(m)
 
 
+def object_prior(images: Tensor, mean: Tensor, std: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Baseline from the image alone, no model: its pixel intensity in [0, 1] (un-normalised, mean over
+    channels: ink on a black background) average-pooled to the maps' (h, w) cells, then ReLU, min-max,
+    bilinear upsampling and min-max as `_finish` does the methods' maps. images normalised (B, C, H, W)."""
+    std, mean = (torch.as_tensor(v).to(images).view(1, -1, 1, 1) for v in (std, mean))  # per channel
+    pixels = images * std + mean                                         # (B, C, H, W) in [0, 1]
+    raw = F.adaptive_avg_pool2d(pixels.mean(1, keepdim=True), hw)[:, 0]  # (B, h, w)
+    return _finish(raw, images.shape[-2:], normalize=True)
+
+
 def baseline_maps(cam_maps: Tensor, hw: tuple[int, int], generator: torch.Generator) -> dict[str, Tensor]:
     """The three baselines for a batch whose CAMs are cam_maps (B, H, W): i.i.d. random pixels,
     random at the target layer's (h, w) upsampled like the maps, and the image's mean CAM value."""
@@ -359,8 +385,8 @@ def baseline_maps(cam_maps: Tensor, hw: tuple[int, int], generator: torch.Genera
             'constant': cam_maps.mean((1, 2), keepdim=True).expand_as(cam_maps)}
 
 
-def _scores(model: nn.Module, x: Tensor, maps: Tensor, removed: Callable, start: Callable, steps: int,
-            tie_break: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def map_scores(model: nn.Module, x: Tensor, maps: Tensor, removed: Callable, start: Callable, steps: int,
+               tie_break: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Each image's four metrics (B,) for the predicted class, and the batch's summed curves."""
     di = deletion_insertion_auc(model, x, maps, None, steps=steps, substrate_fn=removed, insertion_fn=start,
                                 tie_break=tie_break)
@@ -400,7 +426,8 @@ def faithfulness(model: nn.Module, images: Tensor, layer: nn.Module, fc: nn.Line
     """The faithfulness table of every method and baseline on normalised images (N, C, H, W), for
     the predicted class, `substrate` (SUBSTRATES) being what a removed pixel becomes in all four
     metrics: {'table': {map: {metric: mean, 'ci95': {metric: [lo, hi]}, ...}}, 'curves': {map:
-    {'deletion' | 'insertion': mean curve}}, 'checks': {...}}.
+    {'deletion' | 'insertion': mean curve}}, 'checks': {...}, 'per_image': {map: {metric: [N values]}}}
+    (per_image: for paired comparisons across maps, sanity.method_comparisons). Baselines: BASELINES.
 
     Every number has a 95% bootstrap interval over images; each method (and the constant map) is
     compared with the baselines image by image ('vs'), and `beats_<baseline>` is True only when it
@@ -419,10 +446,10 @@ def faithfulness(model: nn.Module, images: Tensor, layer: nn.Module, fc: nn.Line
     for xb in images.split(batch_size):
         maps = explain_all(model, xb, layer, fc, batch_size)
         cam_vs_grad_cam = max(cam_vs_grad_cam, (maps['cam'] - maps['grad_cam']).abs().max().item())
-        maps |= baseline_maps(maps['cam'], hw, generator)
+        maps |= baseline_maps(maps['cam'], hw, generator) | {'object_prior': object_prior(xb, mean, std, hw)}
         perm = maps['random'].flatten(1).argsort(1)  # (B, H*W): one random shuffle of the pixels per image
         for m in names:
-            scores, summed = _scores(model, xb, maps[m], removed, start, steps, tie_break=maps['random'])
+            scores, summed = map_scores(model, xb, maps[m], removed, start, steps, tie_break=maps['random'])
             per_batch[m].append({k: v.cpu() for k, v in scores.items()})
             curves[m] = {kind: curves[m][kind] + summed[kind].cpu() for kind in summed}
             if m in SHUFFLED:
@@ -444,16 +471,9 @@ def faithfulness(model: nn.Module, images: Tensor, layer: nn.Module, fc: nn.Line
               'insertion_start': _start_checks(torch.cat(start_kept), torch.cat(start_p), fc.out_features)}
     n = len(images)
     return {'table': table, 'checks': checks,
-            'curves': {m: {kind: (c / n).tolist() for kind, c in cs.items()} for m, cs in curves.items()}}
-
-
-def table_rows(table: dict) -> list[dict]:
-    """A faithfulness table as flat rows, one per map (each metric, its interval and its verdicts)."""
-    return [{'method': m, **{k: v for k, v in row.items() if k in BETTER},
-             **{f'{k}/ci95_{end}': ci[i] for k, ci in row.get('ci95', {}).items() for i, end in enumerate(('low', 'high'))},
-             **{f'{k}/{metric}': won for k, wins in row.items() if k.startswith('beats_')
-                for metric, won in wins.items()}}
-            for m, row in table.items()]
+            'per_image': {m: {k: v.tolist() for k, v in vs.items()} for m, vs in values.items()},  # paired tests
+            'curves': {m: {kind: [float(f'{v:.4g}') for v in (c / n).tolist()] for kind, c in cs.items()}  # 4 digits:
+                       for m, cs in curves.items()}}                                                # records stay small
 
 
 def describe(images: int, steps: int, size: tuple[int, int], hw: tuple[int, int], substrate: str,
@@ -473,6 +493,8 @@ def describe(images: int, steps: int, size: tuple[int, int], hw: tuple[int, int]
             'random_smooth_baseline': 'uniform noise at the target layer resolution, bilinearly upsampled and '
                                       'min-max scaled like the maps, same generator',
             'constant_baseline': "every pixel at the image's mean CAM value: no location, CAM's contrast",
+            'object_prior_baseline': 'the image alone, no model (explain.object_prior): pixel intensity, mean over '
+                                     "channels, average-pooled to the maps' cells and upsampled like the maps",
             'beats_random': 'better at 95% confidence (paired bootstrap over images, 2000 resamples) than random '
                             'location: the random pixel order on deletion / insertion, the same map with its pixels '
                             'shuffled on Average Drop / Increase in Confidence; ties are ties',
@@ -480,19 +502,3 @@ def describe(images: int, steps: int, size: tuple[int, int], hw: tuple[int, int]
             'cam_equals_grad_cam': 'on a GAP + linear head Grad-CAM = ReLU(CAM) / (h*w): the same map after min-max, '
                                    'one result shown twice', **checks,
             'metric_directions': BETTER}
-
-
-# ----------------------------------------------------------------------------- figures
-
-def overlay(image: Tensor | np.ndarray, heatmap: Tensor | np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a jet-coloured map (H, W) in [0, 1] over an image -> (H, W, 3) float array in [0, 1].
-
-    image: (3, H, W) or (H, W, 3), uint8 in [0, 255] or float in [0, 1] (un-normalise first).
-    """
-    img = np.asarray(image.detach().cpu() if isinstance(image, Tensor) else image)
-    img = img.astype(np.float32) / 255 if img.dtype == np.uint8 else img.astype(np.float32)
-    if img.shape[0] == 3 and img.shape[-1] != 3:
-        img = img.transpose(1, 2, 0)                                     # (3, H, W) -> (H, W, 3)
-    hm = np.asarray(heatmap.detach().cpu() if isinstance(heatmap, Tensor) else heatmap)
-    heat = matplotlib.colormaps['jet'](np.clip(hm, 0, 1))[..., :3]     # (H, W, 3), drop alpha
-    return np.clip((1 - alpha) * img + alpha * heat, 0, 1)

@@ -1,22 +1,26 @@
-"""How exercise 2.3 shows what explain.py measures: the faithfulness table on the console, grids of
-example maps over their images, and the deletion / insertion curves. A module of its own so that
-explain.py holds the measures only."""
+"""How exercise 2.3 shows what explain.py and sanity.py measure: the faithfulness table, the paired
+comparisons and the randomisation cascade on the console (and a table as flat rows for the loggers);
+grids of example maps over their images (`overlay`), the deletion / insertion curves and the
+cascade's figures. A module of its own so that explain.py and sanity.py hold the measures only."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import matplotlib
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from dataset import Split
 from evaluate import pyplot
-from explain import BASELINES, BETTER, explain_all, overlay
+from explain import BASELINES, BETTER, explain_all
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 LABELS = {'cam': 'CAM', 'grad_cam': 'Grad-CAM', 'grad_cam_pp': 'Grad-CAM++', 'random': 'random',
-          'random_smooth': 'random smooth', 'constant': 'constant'}
+          'random_smooth': 'random smooth', 'constant': 'constant', 'object_prior': 'object prior'}
+LINESTYLE = {'random': '--', 'random_smooth': ':', 'constant': '-.', 'object_prior': (0, (5, 1, 1, 1))}  # baselines
 MARK = {'better': '+', 'worse': '-', 'tie': '='}  # a paired verdict in the printed table
 SHORT = {'black': 'removed = black, insertion from black', 'rise': 'removed = mean colour, insertion from a blur'}
 
@@ -45,6 +49,15 @@ def print_table(title: str, table: dict, substrate: str, checks: dict, notes: bo
           "(Average Drop, Increase)")
     print(f"  CAM and Grad-CAM are one result, not two: with GAP + one linear layer Grad-CAM = ReLU(CAM) / (h*w), "
           f"the same after min-max (max |diff| {checks['cam_vs_grad_cam_max_abs_diff']:.1e})")
+
+
+def table_rows(table: dict) -> list[dict]:
+    """A faithfulness table as flat rows, one per map (each metric, its interval and its verdicts)."""
+    return [{'method': m, **{k: v for k, v in row.items() if k in BETTER},
+             **{f'{k}/ci95_{end}': ci[i] for k, ci in row.get('ci95', {}).items() for i, end in enumerate(('low', 'high'))},
+             **{f'{k}/{metric}': won for k, wins in row.items() if k.startswith('beats_')
+                for metric, won in wins.items()}}
+            for m, row in table.items()]
 
 
 def pick_examples(y: Tensor, pred: Tensor, n_correct: int, n_wrong: int, num_classes: int) -> dict[str, list[int]]:
@@ -117,7 +130,7 @@ def plot_faithfulness(curves: dict, table: dict, title: str, substrate: str) -> 
         for m, cs in curves.items():
             x = torch.linspace(0, 1, len(cs[kind])).tolist()
             ax.plot(x, cs[kind], label=f"{LABELS[m]} (AUC {table[m][f'{kind}_auc']:.3f})",
-                    linestyle={'random': '--', 'random_smooth': ':', 'constant': '-.'}.get(m, '-'),
+                    linestyle=LINESTYLE.get(m, '-'),
                     color='gray' if m in BASELINES else None)
         what = {('black', 'deletion'): 'deleted (set to black)', ('black', 'insertion'): 'inserted into a black image',
                 ('rise', 'deletion'): 'deleted (set to the mean colour)',
@@ -129,5 +142,103 @@ def plot_faithfulness(curves: dict, table: dict, title: str, substrate: str) -> 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def overlay(image: Tensor | np.ndarray, heatmap: Tensor | np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a jet-coloured map (H, W) in [0, 1] over an image -> (H, W, 3) float array in [0, 1].
+
+    image: (3, H, W) or (H, W, 3), uint8 in [0, 255] or float in [0, 1] (un-normalise first).
+    """
+    img = np.asarray(image.detach().cpu() if isinstance(image, Tensor) else image)
+    img = img.astype(np.float32) / 255 if img.dtype == np.uint8 else img.astype(np.float32)
+    if img.shape[0] == 3 and img.shape[-1] != 3:
+        img = img.transpose(1, 2, 0)                                     # (3, H, W) -> (H, W, 3)
+    hm = np.asarray(heatmap.detach().cpu() if isinstance(heatmap, Tensor) else heatmap)
+    heat = matplotlib.colormaps['jet'](np.clip(hm, 0, 1))[..., :3]     # (H, W, 3), drop alpha
+    return np.clip((1 - alpha) * img + alpha * heat, 0, 1)
+
+
+# ----------------------------------------------------------------------------- controls (sanity.py)
+
+METRIC = {'deletion_auc': 'deletion', 'insertion_auc': 'insertion', 'average_drop': 'Avg Drop',
+          'increase_in_confidence': 'Increase'}
+
+
+def _name(key: str) -> str:
+    """'grad_cam_pp_randomised' -> 'Grad-CAM++ (randomised)'."""
+    base = key.removesuffix('_randomised')
+    return LABELS.get(base, base) + (' (randomised)' if key != base else '')
+
+
+def print_comparisons(title: str, comparisons: dict) -> None:
+    """A paired family (sanity.paired_family) on the console, one line per pair and metric. Lines start
+    with the metric, never with a map's label, so they never read as a row of a faithfulness table."""
+    print(f"\npaired comparisons, {title}: {comparisons['family']}")
+    for pair, metrics in comparisons['pairs'].items():
+        a, b = pair.split('_vs_')
+        for k, r in metrics.items():
+            print(f"  {METRIC[k]:<10} {_name(a)} - {_name(b)}: {r['diff']:+.3g} ({r['lo']:+.3g} to {r['hi']:+.3g}), "
+                  f"p {r['p']:.3f}, Holm {r['p_holm']:.3f}: {r['verdict']}")
+
+
+def print_cascade(record: dict) -> None:
+    """Spearman rank correlation with the trained maps at each cascade step (sanity.sanity_checks)."""
+    print(f"\nsanity checks (Adebayo et al. 2018), {record['images']} images: cascading randomisation from the head "
+          f"down, Spearman rho of each method's maps with the trained model's (mean, 95% interval)")
+    methods = next(iter(record['cascade'].values()))
+    print(f"  {'step: randomised up to':<24}" + ''.join(f"{LABELS[m]:>26}" for m in methods))
+    for step, row in record['cascade'].items():
+        print(f"  {step:<24}" + ''.join(f"{r['rho']:>+8.2f} ({r['lo']:+.2f} to {r['hi']:+.2f})" for r in row.values()))
+    faith = record['faithfulness']
+    print(f"  faithfulness on the trained model, substrate '{faith['substrate']}' (deletion, insertion, Avg Drop, "
+          f"Increase; trained vs fully randomised maps):")
+    for m, row in faith['table'].items():
+        print(f"  scored {_name(m):<26}" + ', '.join(f"{row[k]:.3f}" for k in BETTER))
+
+
+def plot_cascade(images: Tensor, figure_maps: dict[str, dict[str, Tensor]], title: str) -> Figure:
+    """Adebayo's Fig. 2: one row per (image, method), one column per cascade step (trained first),
+    each map over its image. images uint8 (n, C, H, W) on the CPU, figure_maps {step: {method: (n, H, W)}}."""
+    plt = pyplot()
+    steps = list(figure_maps)
+    methods = list(figure_maps['trained'])
+    rows = [(i, m) for i in range(len(images)) for m in methods]
+    fig, axes = plt.subplots(len(rows), len(steps), figsize=(1.1 * len(steps) + 1, 1.1 * len(rows) + 0.8),
+                             squeeze=False, layout='constrained')
+    for r, (i, m) in enumerate(rows):
+        rgb = images[i].expand(3, -1, -1)  # overlay wants 3 channels; grey images are repeated
+        for c, step in enumerate(steps):
+            ax = axes[r, c]
+            ax.imshow(overlay(rgb, figure_maps[step][m][i]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(step, fontsize=6, rotation=30)
+            if c == 0:
+                ax.set_ylabel(f"#{i} {LABELS[m]}", fontsize=6)
+    fig.suptitle(f"{title}\ncascading randomisation: columns re-initialise one more layer group, head first",
+                 fontsize=8)
+    return fig
+
+
+def plot_rank_correlation(record: dict, title: str) -> Figure:
+    """Spearman rho (mean, 95% interval) of each method's maps with the trained maps vs cascade step."""
+    plt = pyplot()
+    steps = list(record['cascade'])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = list(range(len(steps) + 1))  # 0: the trained model, rho 1 by definition
+    for m, style in zip(next(iter(record['cascade'].values())), ('--', ':', '-')):  # CAM = Grad-CAM: both visible
+        rho, lo, hi = ([1.0] + [record['cascade'][s][m][k] for s in steps] for k in ('rho', 'lo', 'hi'))
+        ax.plot(x, rho, marker='o', linestyle=style, label=LABELS[m])
+        ax.fill_between(x, lo, hi, alpha=0.2)
+    ax.axhline(0, color='gray', linewidth=0.8)
+    ax.set_xticks(x, ['trained', *steps], rotation=30, fontsize=7, ha='right')
+    ax.set_xlabel('randomised from the head down to (cumulative)', fontsize=8)
+    ax.set_ylabel('Spearman rho with trained maps')
+    ax.set_title(f"{title}: a map that explains the model falls towards 0", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

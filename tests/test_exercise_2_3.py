@@ -15,9 +15,11 @@ from dataset import IMAGENETTE_WNIDS, load_imagenette
 from models import IMAGENETTE_TO_IMAGENET, restrict_head
 from synthetic import write_cifar10
 
+MAPS = {'cam', 'grad_cam', 'grad_cam_pp', 'random', 'random_smooth', 'constant', 'object_prior'}  # every table's rows
 CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 TINY = ['--wandb', 'off', '--device', 'cpu', '--faithfulness_images', '12', '--faithfulness_steps', '4',
-        '--per_class', '[1,1]', '--batch_size', '16', '--sensitivity', 'False']  # part 1's smoke test turns it on
+        '--sanity_images', '12', '--per_class', '[1,1]', '--batch_size', '16',
+        '--sensitivity', 'False']  # part 1's smoke test turns it on
 
 
 def write_imagenette(root, per_class: int = 2, size=(72, 88)) -> str:
@@ -137,12 +139,13 @@ def test_part1_smoke_writes_figures_and_faithfulness(tiny_checkpoint, tmp_path, 
     runs = str(tmp_path / 'runs')
     cli(ex23.main, ex23.config, ['--checkpoint', tiny_checkpoint['path'], '--part', 'cnn',
                                  '--assets_dir', str(tmp_path / 'assets'), '--runs_dir', runs, '--run_name', 'p1',
-                                 *TINY, '--sensitivity', 'True'])
+                                 *TINY, '--sensitivity', 'True', '--faithfulness_steps', '32'])
     run_dir, results = results_of(runs, 'p1')
+    assert os.path.getsize(os.path.join(run_dir, 'results.json')) <= 64 * 1024  # fits a record (test_records.py)
     assert results['cnn_setup']['dataset'] == 'cifar10' and results['cnn_setup']['images'] == 12
     assert results['cnn_setup']['substrate'] == 'rise' and results['cnn_sensitivity']['substrate'] == 'black'
     assert results['cnn_setup']['map_size'] == [4, 4]
-    assert set(results['cnn']) == {'cam', 'grad_cam', 'grad_cam_pp', 'random', 'random_smooth', 'constant'}
+    assert set(results['cnn']) == MAPS
     for method in ('cam', 'grad_cam', 'grad_cam_pp'):
         row = results['cnn'][method]
         for baseline in ('random', 'random_smooth', 'constant'):
@@ -150,6 +153,21 @@ def test_part1_smoke_writes_figures_and_faithfulness(tiny_checkpoint, tmp_path, 
             assert all(isinstance(v, bool) for v in row[f'beats_{baseline}'].values())
         assert 0 <= row['deletion_auc'] <= 1 and 0 <= row['average_drop'] <= 100
     assert 'beats_random' not in results['cnn']['random']
+    # the controls of issue 23: paired, Holm-corrected comparisons and the cascading randomisation
+    for comparisons in (results['cnn_comparisons'], results['cnn_sensitivity']['comparisons']):
+        assert comparisons['size'] == 24 and 'Holm' in comparisons['family']
+        assert set(comparisons['pairs']['grad_cam_pp_vs_object_prior']) == set(BETTER)
+        for metrics in comparisons['pairs'].values():
+            assert all({'diff', 'lo', 'hi', 'p', 'p_holm', 'verdict'} <= set(r) and r['p'] <= r['p_holm'] <= 1
+                       for r in metrics.values())
+    sanity = results['cnn_sanity']
+    assert list(sanity['cascade'])[0] == 'classifier' and list(sanity['cascade'])[-1] == 'stage1.conv'
+    assert all(-1 <= sanity['cascade'][step][m]['lo'] <= sanity['cascade'][step][m]['hi'] <= 1
+               for step in sanity['cascade'] for m in ('cam', 'grad_cam', 'grad_cam_pp'))
+    assert set(sanity['faithfulness']['table']) >= {'cam_randomised', 'grad_cam_pp', 'random'}
+    assert sanity['faithfulness']['comparisons']['size'] == 24 and sanity['images'] == 12
+    for name in ('cnn_sanity_maps', 'cnn_sanity_rank_correlation'):
+        assert os.path.exists(os.path.join(run_dir, f'{name}.png'))
     assert os.path.exists(os.path.join(run_dir, 'cnn_faithfulness.png'))
     assert any(os.path.exists(os.path.join(run_dir, f'cnn_{k}.png')) for k in ('correct', 'wrong'))
     assert not (tmp_path / 'assets').exists()                          # by default the README's figures stay
@@ -188,7 +206,7 @@ def test_part2_smoke_random_weights(imagenette_dir, tmp_path):
     run_dir, results = results_of(runs, 'p2')
     assert results['resnet18_weights'] == 'random' and results['resnet18_setup']['weights'] == 'random weights'
     assert results['resnet18_setup']['val_images'] == 4 and 0 <= results['resnet18_imagenette_val_acc'] <= 1
-    assert set(results['resnet18']) == {'cam', 'grad_cam', 'grad_cam_pp', 'random', 'random_smooth', 'constant'}
+    assert set(results['resnet18']) == MAPS
     assert os.path.exists(os.path.join(run_dir, 'resnet18_faithfulness.png'))
     assert any(os.path.exists(os.path.join(run_dir, f'resnet18_{k}.png')) for k in ('correct', 'wrong'))
     assert not (tmp_path / 'assets').exists()                  # random-weight maps never reach assets/
@@ -231,5 +249,5 @@ def test_offline_part2_is_skipped_and_part1_completes(tiny_checkpoint, tmp_path,
     assert 'imagenette2-160.tgz' in p.stdout and os.path.join(data_dir, 'imagenette2-160') in p.stdout
     _, results = results_of(runs, 'offline')
     assert results['resnet18'] is None and 'skipped' in results['resnet18_skipped']
-    assert set(results['cnn']) == {'cam', 'grad_cam', 'grad_cam_pp', 'random', 'random_smooth', 'constant'}
+    assert set(results['cnn']) == MAPS
     assert 'part 1 (our CNN) done' in results['summary'] and 'part 2 skipped' in results['summary']

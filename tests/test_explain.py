@@ -277,11 +277,12 @@ def test_average_drop_by_hand():
 
 
 def test_overlay():
+    from explain_display import overlay  # a figure helper: it moved to explain_display
     torch.manual_seed(0)
     img, heat = torch.rand(3, 8, 10), torch.rand(8, 10)
-    a = E.overlay(img, heat)
-    b = E.overlay((img.permute(1, 2, 0).numpy() * 255).round().astype('uint8'), heat.numpy())
+    a = overlay(img, heat)
+    b = overlay((img.permute(1, 2, 0).numpy() * 255).round().astype('uint8'), heat.numpy())
     assert a.shape == b.shape == (8, 10, 3) and 0 <= a.min() and a.max() <= 1
     assert abs(a - b).max() < 0.01
-    hot = E.overlay(torch.zeros(3, 1, 1), torch.ones(1, 1))     # jet(1) is dark red
+    hot = overlay(torch.zeros(3, 1, 1), torch.ones(1, 1))     # jet(1) is dark red
     assert hot[0, 0, 0] > 0.2 and hot[0, 0, 2] < 0.05
