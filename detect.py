@@ -245,17 +245,17 @@ def refine_boxes(windows: np.ndarray, window: int, canvas: np.ndarray, ink_thres
 
 def decode(probs: Tensor, canvas: np.ndarray, geometry: Geometry, num_objects: int, threshold: float,
            nms_iou: float, ink_threshold: int, margin: int, refine: bool = True,
-           drop_empty: bool = True) -> dict[str, Tensor]:
+           drop_empty: bool = True, peak: int = 3) -> dict[str, Tensor]:
     """Detections of one canvas from its score maps (n, H', W'): per class (the first num_objects
-    maps; an 11th background map only competes through the softmax), the local maxima (3x3) with
-    score >= threshold; each maps back to its crop (geometry), is refined to the ink in it
+    maps; an 11th background map only competes through the softmax), the local maxima (peak x peak
+    positions; 1: every position) with score >= threshold; each maps back to its crop (geometry), is refined to the ink in it
     (refine_boxes; refine / drop_empty switch its heuristics off), and per-class NMS (torchvision
     batched_nms, IoU > nms_iou) removes duplicates.
     Returns {'boxes' (D, 4) xyxy, 'scores' (D,), 'labels' (D,)}, highest score first."""
     from torchvision.ops import batched_nms
     s = probs[:num_objects]                                                      # (K, H', W')
-    peak = (s == F.max_pool2d(s[None], 3, stride=1, padding=1)[0]) & (s >= threshold)
-    c, i, j = peak.nonzero(as_tuple=True)
+    top = (s == F.max_pool2d(s[None], peak, stride=1, padding=peak // 2)[0]) & (s >= threshold)
+    c, i, j = top.nonzero(as_tuple=True)
     scores = s[c, i, j]
     windows = geometry.windows(i, j).numpy()                                     # (D, 2) y, x
     boxes, keep = refine_boxes(windows, geometry.window, canvas, ink_threshold, margin, refine, drop_empty)
@@ -277,12 +277,14 @@ class Decoding:
     margin: int             # px: ink components this far outside a window still count as its own
     refine: bool = True     # box = the ink in the window (else the raw window)
     drop_empty: bool = True  # a window without ink is no detection
+    peak: int = 3           # a detection is a local maximum over peak x peak positions of its class map
 
     @classmethod
     def from_config(cls, config: dict, num_objects: int, refine: bool = True, drop_empty: bool = True) -> Decoding:
-        """2.2's decoding keys (min_score, nms_iou, agnostic_iou, ink_threshold, refine_margin) as a Decoding."""
+        """2.2's decoding keys (min_score, nms_iou, agnostic_iou, ink_threshold, refine_margin, peak_window)
+        as a Decoding."""
         return cls(num_objects, config['min_score'], config['nms_iou'], config['agnostic_iou'],
-                   config['ink_threshold'], config['refine_margin'], refine, drop_empty)
+                   config['ink_threshold'], config['refine_margin'], refine, drop_empty, config['peak_window'])
 
 
 # (key, test, what the value must be): the decoding keys, for config.check before any work
@@ -292,6 +294,7 @@ LIMITS = [
     ('nms_iou', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('agnostic_iou', lambda v: 0 < v <= 1, 'in (0, 1] (1 = off)'),
     ('refine_margin', lambda v: v >= 0, '>= 0'),
+    ('peak_window', lambda v: v >= 1 and v % 2 == 1, 'an odd whole number >= 1 (1: every position; NMS alone merges)'),
 ]
 
 
@@ -307,7 +310,7 @@ def detect(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, std: Tenso
         first = probs[0] if first is None else first
         for k in range(len(imgs)):
             out.append(decode(probs[k], imgs[k, 0].numpy(), fcn.geometry, d.num_objects, threshold, d.nms_iou,
-                              d.ink_threshold, d.margin, d.refine, d.drop_empty))
+                              d.ink_threshold, d.margin, d.refine, d.drop_empty, d.peak))
     return out, first
 
 
@@ -337,7 +340,7 @@ def time_per_canvas(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, s
             t0 = time.perf_counter()
             probs = score_maps(fcn, (img[None].float() / 255 - mean) / std)[0]
             agnostic_nms(decode(probs, img[0].numpy(), fcn.geometry, d.num_objects, threshold, d.nms_iou,
-                                d.ink_threshold, d.margin, d.refine, d.drop_empty), d.agnostic_iou)
+                                d.ink_threshold, d.margin, d.refine, d.drop_empty, d.peak), d.agnostic_iou)
             if k >= 0:
                 times.append(time.perf_counter() - t0)
     finally:

@@ -73,6 +73,7 @@ config = {
     # decoding
     'score_threshold': -1.0,        # < 0: best F1 on the val canvases; else this fixed softmax score
     'min_score': 0.05,              # lowest peak kept for the ranked list behind mAP and the PR curve
+    'peak_window': 3,               # a detection is a local max over this many positions a side of its class map (1: all)
     'nms_iou': 0.3,                 # per-class NMS; true objects never overlap, so any real overlap is a duplicate
     'agnostic_iou': 0.3,            # then class-agnostic NMS for the output (P/R/F1, count): one label per object; 1 = off
     'refine_margin': 4,             # px: ink components this far outside a detection's crop still count as its own
@@ -95,7 +96,8 @@ ROLE = {
     **dict.fromkeys(('model', 'widths', 'depth', 'hidden', 'dropout', 'augment', 'black_is_zero', 'epochs', 'lr'),
                     CLASSIFIER),
     **dict.fromkeys(('sync_bn', 'box_ablation'), FINETUNE),
-    **dict.fromkeys(('test_canvases', 'val_canvases', 'score_threshold', 'min_score', 'nms_iou', 'agnostic_iou',
+    **dict.fromkeys(('test_canvases', 'val_canvases', 'score_threshold', 'min_score', 'peak_window', 'nms_iou',
+                     'agnostic_iou',
                      'refine_margin', 'timing_threads', 'figure_canvases', 'assets', 'assets_dir'), AFTER),
 }
 CLASSIFIER_KEYS = keys_with(config, DATA, RECIPE, CLASSIFIER, declared=ROLE)
