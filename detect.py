@@ -205,12 +205,17 @@ def ink_components(canvas: np.ndarray, ink_threshold: int) -> np.ndarray:
 
 
 def refine_boxes(windows: np.ndarray, window: int, canvas: np.ndarray, ink_threshold: int,
-                 margin: int, refine: bool = True, drop_empty: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 margin: int, refine: bool = True, drop_empty: bool = True,
+                 central: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (D, 4) xyxy for detection windows with top-left (y, x) (D, 2), and a keep mask (D,).
 
     A box is the union of the ink components lying wholly inside the window grown by `margin` px
     (an object up to `margin` px off the window's grid position is still whole inside); if none
-    is, the ink box of the window itself; a window with no ink is dropped.
+    is, the ink box of the window itself; a window with no ink is dropped. central=True (2.2's default
+    since its MNIST census): of those components, the ones that reach into the window's central half
+    (a neighbour wholly inside the grown window is not merged in, unless nothing reaches the centre),
+    and a window with no whole component is dropped rather than clipped (an off-centre window on
+    part of an object).
     Both heuristics can be switched off, to measure what they add to the network's own output
     (the box ablation): refine=False gives the raw window (clipped to the canvas) as the box,
     drop_empty=False keeps windows with no ink (with their raw window as the box)."""
@@ -220,13 +225,18 @@ def refine_boxes(windows: np.ndarray, window: int, canvas: np.ndarray, ink_thres
         if not refine:
             keep = np.array([(canvas[t:b, l:r] > ink_threshold).any() for l, t, r, b in raw], bool)
             return raw, keep | (not drop_empty)
-        boxes, keep = refine_boxes(windows, window, canvas, ink_threshold, margin)
+        boxes, keep = refine_boxes(windows, window, canvas, ink_threshold, margin, central=central)
         return np.where(keep[:, None], boxes, raw), np.ones(len(windows), bool)
     comps = ink_components(canvas, ink_threshold)                    # (K, 4) y0 x0 y1 x1
     lo = windows - margin                                            # (D, 2)
     hi = windows + window + margin
     inside = ((comps[None, :, 0] >= lo[:, None, 0]) & (comps[None, :, 1] >= lo[:, None, 1]) &
               (comps[None, :, 2] <= hi[:, None, 0]) & (comps[None, :, 3] <= hi[:, None, 1]))  # (D, K)
+    if central:
+        c0, c1 = windows + window // 4, windows + window - window // 4           # the central half
+        core = inside & ((comps[None, :, 0] < c1[:, None, 0]) & (comps[None, :, 2] > c0[:, None, 0]) &
+                         (comps[None, :, 1] < c1[:, None, 1]) & (comps[None, :, 3] > c0[:, None, 1]))
+        inside = np.where(core.any(1, keepdims=True), core, inside)
     big = np.iinfo(np.int64).max
     y0 = np.where(inside, comps[None, :, 0], big).min(1, initial=big)
     x0 = np.where(inside, comps[None, :, 1], big).min(1, initial=big)
@@ -234,7 +244,7 @@ def refine_boxes(windows: np.ndarray, window: int, canvas: np.ndarray, ink_thres
     x1 = np.where(inside, comps[None, :, 3], -1).max(1, initial=-1)
     boxes = np.stack([x0, y0, x1, y1], 1)
     keep = inside.any(1)
-    for d in np.flatnonzero(~keep):                                  # no whole component: clip to the window
+    for d in np.flatnonzero(~keep) if not central else []:           # no whole component: clip to the window
         t, l = np.maximum(windows[d], 0)
         b = ink_box(canvas[t:windows[d, 0] + window, l:windows[d, 1] + window], ink_threshold)
         if b is not None:
@@ -245,7 +255,7 @@ def refine_boxes(windows: np.ndarray, window: int, canvas: np.ndarray, ink_thres
 
 def decode(probs: Tensor, canvas: np.ndarray, geometry: Geometry, num_objects: int, threshold: float,
            nms_iou: float, ink_threshold: int, margin: int, refine: bool = True,
-           drop_empty: bool = True, peak: int = 3) -> dict[str, Tensor]:
+           drop_empty: bool = True, peak: int = 3, central: bool = False) -> dict[str, Tensor]:
     """Detections of one canvas from its score maps (n, H', W'): per class (the first num_objects
     maps; an 11th background map only competes through the softmax), the local maxima (peak x peak
     positions; 1: every position) with score >= threshold; each maps back to its crop (geometry), is refined to the ink in it
@@ -258,7 +268,7 @@ def decode(probs: Tensor, canvas: np.ndarray, geometry: Geometry, num_objects: i
     c, i, j = top.nonzero(as_tuple=True)
     scores = s[c, i, j]
     windows = geometry.windows(i, j).numpy()                                     # (D, 2) y, x
-    boxes, keep = refine_boxes(windows, geometry.window, canvas, ink_threshold, margin, refine, drop_empty)
+    boxes, keep = refine_boxes(windows, geometry.window, canvas, ink_threshold, margin, refine, drop_empty, central)
     boxes = torch.from_numpy(boxes[keep]).float()
     scores, labels = scores[torch.from_numpy(keep)], c[torch.from_numpy(keep)]
     order = batched_nms(boxes, scores, labels, nms_iou)                          # sorted by score
@@ -278,13 +288,16 @@ class Decoding:
     refine: bool = True     # box = the ink in the window (else the raw window)
     drop_empty: bool = True  # a window without ink is no detection
     peak: int = 3           # a detection is a local maximum over peak x peak positions of its class map
+    central: bool = False   # refine_boxes' central rule
+    overlap: float = 1.0    # agnostic_nms: a box covered more than this by a better one goes (1 = off)
 
     @classmethod
     def from_config(cls, config: dict, num_objects: int, refine: bool = True, drop_empty: bool = True) -> Decoding:
-        """2.2's decoding keys (min_score, nms_iou, agnostic_iou, ink_threshold, refine_margin, peak_window)
-        as a Decoding."""
+        """2.2's decoding keys (min_score, nms_iou, agnostic_iou, ink_threshold, refine_margin, peak_window,
+        refine_central, agnostic_overlap) as a Decoding."""
         return cls(num_objects, config['min_score'], config['nms_iou'], config['agnostic_iou'],
-                   config['ink_threshold'], config['refine_margin'], refine, drop_empty, config['peak_window'])
+                   config['ink_threshold'], config['refine_margin'], refine, drop_empty, config['peak_window'],
+                   config['refine_central'], config['agnostic_overlap'])
 
 
 # (key, test, what the value must be): the decoding keys, for config.check before any work
@@ -293,6 +306,7 @@ LIMITS = [
     ('min_score', lambda v: 0 <= v <= 1, 'in [0, 1]'),
     ('nms_iou', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('agnostic_iou', lambda v: 0 < v <= 1, 'in (0, 1] (1 = off)'),
+    ('agnostic_overlap', lambda v: 0 < v <= 1, 'in (0, 1] (1 = off)'),
     ('refine_margin', lambda v: v >= 0, '>= 0'),
     ('peak_window', lambda v: v >= 1 and v % 2 == 1, 'an odd whole number >= 1 (1: every position; NMS alone merges)'),
 ]
@@ -310,19 +324,34 @@ def detect(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, std: Tenso
         first = probs[0] if first is None else first
         for k in range(len(imgs)):
             out.append(decode(probs[k], imgs[k, 0].numpy(), fcn.geometry, d.num_objects, threshold, d.nms_iou,
-                              d.ink_threshold, d.margin, d.refine, d.drop_empty, d.peak))
+                              d.ink_threshold, d.margin, d.refine, d.drop_empty, d.peak, d.central))
     return out, first
 
 
-def agnostic_nms(pred: dict[str, Tensor], iou: float) -> dict[str, Tensor]:
+def agnostic_nms(pred: dict[str, Tensor], iou: float, overlap: float = 1.0) -> dict[str, Tensor]:
     """One label per object: class-agnostic NMS over one canvas's detections (objects never overlap,
-    so two boxes with IoU > iou are one object). iou >= 1 keeps everything. Like NMS before it, this
+    so two boxes with IoU > iou are one object), then, greedily by score, a box whose intersection
+    with a kept better one exceeds `overlap` of the smaller box's area goes (a piece of an object
+    inside its whole box has a low IoU with it). 1 switches either off. Like NMS before it, this
     commutes with a later score threshold, so one pass serves every threshold."""
-    if iou >= 1 or not len(pred['boxes']):
+    if not len(pred['boxes']):
         return pred
-    from torchvision.ops import nms
-    keep = nms(pred['boxes'], pred['scores'], iou)
-    return {k: v[keep] for k, v in pred.items()}
+    if iou < 1:
+        from torchvision.ops import nms
+        keep = nms(pred['boxes'], pred['scores'], iou)
+        pred = {k: v[keep] for k, v in pred.items()}
+    if overlap < 1 and len(pred['boxes']) > 1:
+        b = pred['boxes']
+        order = torch.argsort(pred['scores'], descending=True, stable=True)
+        inter = (torch.minimum(b[:, None, 2:], b[None, :, 2:]) - torch.maximum(b[:, None, :2], b[None, :, :2]))
+        area = (b[:, 2:] - b[:, :2]).prod(1)
+        covered = inter.clamp(min=0).prod(2) / torch.minimum(area[:, None], area[None, :]).clamp(min=1e-9)
+        kept: list[int] = []
+        for d in order.tolist():
+            if not kept or covered[d, kept].max() <= overlap:
+                kept.append(d)
+        pred = {k: v[torch.tensor(kept)] for k, v in pred.items()}
+    return pred
 
 
 @torch.no_grad()
@@ -340,7 +369,8 @@ def time_per_canvas(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, s
             t0 = time.perf_counter()
             probs = score_maps(fcn, (img[None].float() / 255 - mean) / std)[0]
             agnostic_nms(decode(probs, img[0].numpy(), fcn.geometry, d.num_objects, threshold, d.nms_iou,
-                                d.ink_threshold, d.margin, d.refine, d.drop_empty, d.peak), d.agnostic_iou)
+                                d.ink_threshold, d.margin, d.refine, d.drop_empty, d.peak, d.central),
+                         d.agnostic_iou, d.overlap)
             if k >= 0:
                 times.append(time.perf_counter() - t0)
     finally:
@@ -454,11 +484,11 @@ def score(fcn: FullyConvolutional, val: Canvases, test: Canvases, mean: Tensor, 
     threshold. `truth`: the ground-truth boxes (Canvases.targets): 'ink' or 'placement'."""
     if threshold is None:
         val_preds, _ = detect(fcn, val, mean, std, decoding, decoding.min_score)
-        threshold = best_threshold(*match([agnostic_nms(p, decoding.agnostic_iou) for p in val_preds],
-                                          val.targets(truth)))
+        val_output = [agnostic_nms(p, decoding.agnostic_iou, decoding.overlap) for p in val_preds]
+        threshold = best_threshold(*match(val_output, val.targets(truth)))
     preds, first_maps = detect(fcn, test, mean, std, decoding, min(decoding.min_score, threshold))
     targets = test.targets(truth)
-    output = [agnostic_nms(p, decoding.agnostic_iou) for p in preds]
+    output = [agnostic_nms(p, decoding.agnostic_iou, decoding.overlap) for p in preds]
     scores, tp, n_gt = match(output, targets)
     metrics = {**coco_metrics(preds, targets), **prf_at(scores, tp, n_gt, threshold),
                'count_acc': count_accuracy(output, targets, threshold)}

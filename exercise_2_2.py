@@ -59,7 +59,7 @@ config = {
     'finetune_lr': 1e-3,            # peak lr of the fine-tune, cosine-annealed
     'random_crops': 3,              # per canvas: crops anywhere (mostly empty or partial -> background)
     'max_shift': 4,                 # px: crops centred this near an object (y, x; +0.5 if odd-sized) are its class
-    'finetune_context': False,      # fine-tune on each window with the canvas around it that its output sees
+    'finetune_context': True,       # fine-tune on each window with the canvas around it that its output sees
     'ignore_shift': 4,              # px: crops between max_shift and this off an object are not trained on (= max_shift: none)
     # canvases
     'canvas_size': 100,             # px, square, black
@@ -73,10 +73,12 @@ config = {
     # decoding
     'score_threshold': -1.0,        # < 0: best F1 on the val canvases; else this fixed softmax score
     'min_score': 0.05,              # lowest peak kept for the ranked list behind mAP and the PR curve
-    'peak_window': 3,               # a detection is a local max over this many positions a side of its class map (1: all)
+    'peak_window': 1,               # a detection is a local max over this many positions a side of its class map (1: all; NMS merges)
     'nms_iou': 0.3,                 # per-class NMS; true objects never overlap, so any real overlap is a duplicate
-    'agnostic_iou': 0.3,            # then class-agnostic NMS for the output (P/R/F1, count): one label per object; 1 = off
+    'agnostic_iou': 1.0,            # then class-agnostic NMS for the output (P/R/F1, count): one label per object; 1 = off
+    'agnostic_overlap': 0.5,        # ... and a box covered more than this (of the smaller box) by a better one goes; 1 = off
     'refine_margin': 4,             # px: ink components this far outside a detection's crop still count as its own
+    'refine_central': True,         # box: only the ink components reaching the window's central half; no whole one: no box
     'timing_threads': 1,            # torch threads while timing ms per canvas (batch 1)
     'box_ablation': True,           # also score each track with raw window boxes and / or without the no-ink rule
     'figure_canvases': 4,           # test canvases drawn with their boxes
@@ -97,8 +99,8 @@ ROLE = {
                     CLASSIFIER),
     **dict.fromkeys(('sync_bn', 'box_ablation'), FINETUNE),
     **dict.fromkeys(('test_canvases', 'val_canvases', 'score_threshold', 'min_score', 'peak_window', 'nms_iou',
-                     'agnostic_iou',
-                     'refine_margin', 'timing_threads', 'figure_canvases', 'assets', 'assets_dir'), AFTER),
+                     'agnostic_iou', 'agnostic_overlap', 'refine_margin', 'refine_central', 'timing_threads',
+                     'figure_canvases', 'assets', 'assets_dir'), AFTER),
 }
 CLASSIFIER_KEYS = keys_with(config, DATA, RECIPE, CLASSIFIER, declared=ROLE)
 FINETUNE_KEYS = keys_with(config, DATA, RECIPE, FINETUNE, RESULT, declared=ROLE)

@@ -426,3 +426,41 @@ def test_detection_run_name_is_checked_before_any_stage_trains(tiny_mnist, tmp_p
     err = capsys.readouterr().err
     assert e.value.code == 1 and 'taken' in err and err.count('\n') == 1 and 'Traceback' not in err
     assert os.listdir(tmp_path / 'runs' / EX) == ['taken']
+
+
+def test_central_rule_keeps_a_neighbour_out_and_drops_a_window_on_part_of_an_object():
+    """refine_central: a small neighbour lying wholly inside the grown window is not merged into the box,
+    and a window that holds no object wholly is no detection (the old rule clipped it to the window)."""
+    canvas = np.zeros((100, 100), np.uint8)
+    canvas[10:30, 12:24] = 200                                       # the object: ink box x 12..24, y 10..30
+    canvas[12:28, 30:33] = 200                                       # a thin neighbour 6 px right of it
+    canvas[50:95, 60:64] = 200                                       # a tall stroke no window holds wholly
+    windows = np.array([[6, 4], [64, 56]])
+    boxes, keep = detect.refine_boxes(windows, 28, canvas, 32, 4)
+    assert boxes[0].tolist() == [12, 10, 33, 30] and keep.tolist() == [True, True]   # merged; clipped piece
+    boxes, keep = detect.refine_boxes(windows, 28, canvas, 32, 4, central=True)
+    assert boxes[0].tolist() == [12, 10, 24, 30] and keep.tolist() == [True, False]
+
+
+def test_agnostic_overlap_removes_a_piece_inside_a_better_box_and_keeps_neighbours():
+    pred = {'boxes': torch.tensor([[10., 10, 30, 30], [12, 12, 20, 20], [32, 10, 50, 30]]),
+            'scores': torch.tensor([0.9, 0.8, 0.7]), 'labels': torch.tensor([1, 2, 3])}
+    assert len(detect.agnostic_nms(pred, 0.3)['boxes']) == 3       # IoU 0.16: NMS keeps the piece
+    out = detect.agnostic_nms(pred, 1.0, overlap=0.5)              # it lies wholly inside the 0.9 box
+    assert out['labels'].tolist() == [1, 3]
+    assert len(detect.agnostic_nms(pred, 1.0, overlap=1.0)['boxes']) == 3
+
+
+def test_peak_window_1_keeps_two_same_class_neighbours_that_3x3_peaks_merge():
+    canvas = np.zeros((100, 100), np.uint8)
+    canvas[20:40, 18:22] = 200                                       # two thin '1's, 8 px apart
+    canvas[20:40, 30:34] = 200
+    g = detect.Geometry(stride=8, receptive_field=38, offset=-7, window=28)
+    probs = torch.zeros(11, 10, 10)
+    probs[10] = 1.0
+    probs[:, 2, 1], probs[:, 2, 2] = 0, 0
+    probs[1, 2, 1], probs[1, 2, 2] = 0.9, 0.8                        # each '1' in its own window, one cell apart
+    args = dict(num_objects=10, threshold=0.5, nms_iou=0.3, ink_threshold=32, margin=4, central=True)
+    assert len(detect.decode(probs, canvas, g, peak=3, **args)['boxes']) == 1
+    both = detect.decode(probs, canvas, g, peak=1, **args)
+    assert sorted(both['boxes'][:, 0].tolist()) == [18, 30] and both['labels'].tolist() == [1, 1]

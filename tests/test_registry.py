@@ -53,8 +53,11 @@ def test_key_roles_derive_exactly_the_old_lists():
     seeded = ('study_seeds', 'study_lrs')  # added since (issue 23 item 5): which cells a study trains, in no cell's id
     assert exercise_1_2.STUDY_KEYS == OLD_STUDY_KEYS_1_2 + seeded
     assert exercise_1_3.STUDY_KEYS == OLD_STUDY_KEYS_1_3 + seeded
-    assert set(exercise_2_2.CLASSIFIER_KEYS) == set(OLD_CLASSIFIER_KEYS)
-    assert set(exercise_2_2.FINETUNE_KEYS) == {k for k in exercise_2_2.config if k not in OLD_NOT_FINETUNE}
+    # added since (issue 22's MNIST detector): a classifier key, and decoding keys read after training
+    new_classifier, new_after = {'black_is_zero'}, {'peak_window', 'agnostic_overlap', 'refine_central'}
+    assert set(exercise_2_2.CLASSIFIER_KEYS) == set(OLD_CLASSIFIER_KEYS) | new_classifier
+    assert set(exercise_2_2.FINETUNE_KEYS) == {k for k in exercise_2_2.config
+                                               if k not in OLD_NOT_FINETUNE | new_classifier | new_after}
     assert set(exercise_2_3.FORWARD_TO_1_3) == set(OLD_FORWARD_TO_1_3)
 
 
