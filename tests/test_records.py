@@ -25,8 +25,17 @@ def doc_files(root: str = ROOT) -> list[str]:
 
 
 def value_at(obj, key_path: str):
-    for part in key_path.split('.'):
-        obj = obj[int(part)] if isinstance(obj, list) else obj[part]
+    """obj at a dotted path; a key that itself holds dots (2.3's cascade steps, 'stage3.block1') is
+    matched by joining parts, the shortest match first."""
+    parts, i = key_path.split('.'), 0
+    while i < len(parts):
+        if isinstance(obj, list):
+            obj, i = obj[int(parts[i])], i + 1
+            continue
+        j = next((j for j in range(i + 1, len(parts) + 1) if '.'.join(parts[i:j]) in obj), None)
+        if j is None:
+            raise KeyError(parts[i])
+        obj, i = obj['.'.join(parts[i:j])], j
     return obj
 
 
@@ -103,3 +112,4 @@ def test_the_check_fails_on_a_hand_edited_number(record_1_1, tmp_path):
     assert 'not right after a number' in problems(good.replace(f'**{acc}**', f'{acc} (test)'), 'copy')[0]
     per_class = f"{100 * results['per_class_acc'][3]:.1f}%<!-- record: {path} per_class_acc.3 -->"
     assert problems(per_class, 'copy') == []  # list indices
+    assert value_at({'cascade': {'stage3.block1': {'rho': 0.5}}}, 'cascade.stage3.block1.rho') == 0.5  # dotted keys
