@@ -107,8 +107,7 @@ FINETUNE_KEYS = keys_with(config, DATA, RECIPE, FINETUNE, RESULT, declared=ROLE)
 CLASSIFIER_CHECKPOINT = ("a 10-class models.CNN or models.MLP trained on 28x28 mnist or fashion_mnist (a best.pt of "
                          "exercise 1.1 or 1.3, or of 2.2's classifier stage)")
 TRACKS = {'zero_shot': 'A: zero-shot (surgery only)', 'background': 'B: + background class'}
-TARGETS = {'mnist, track B': {'map_50': 0.95, 'map': 0.75, 'f1': 0.95, 'count_acc': 0.85, 'ms_per_canvas': 20,
-                              'finetune_minutes_2_cores': 5},
+TARGETS = {'mnist, track B': {'map_50': 0.98, 'count_acc': 0.95},  # issue 22's goals on 1,000 real-MNIST canvases
            'mnist, track A': {'map_50': 0.60}}
 
 # (key, test, what the value must be): 2.2's own keys, for config.check before any work; the canvas keys'
@@ -312,7 +311,7 @@ def main(config: dict, overrides: dict) -> dict:
         'tracks': {name: t['metrics'] for name, t in tracks.items()},
         'box_ablation': {n: t['ablation'] for n, t in tracks.items()} if config['box_ablation'] else None,
         'box_ablation_means': {k: {'refine': r, 'drop_empty': d, 'truth': t} for k, (r, d, t) in ABLATION.items()},
-        'targets_unmeasured': TARGETS,
+        'targets': TARGETS,
         'hardware': {**device_info(torch.device('cpu')), 'torch_version': torch.__version__,
                      'load_average_start': load_start, 'load_average_end': os.getloadavg()},
         'seconds': time.perf_counter() - t_start,
