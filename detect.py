@@ -384,7 +384,8 @@ def time_per_canvas(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, s
 
 def coco_metrics(preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> dict[str, float]:
     """COCO mAP@0.5, mAP@[.5:.95] and mAR@100 (torchmetrics MeanAveragePrecision, faster-coco-eval
-    backend, or pycocotools if that is what is installed), over all classes present."""
+    backend, or pycocotools if that is what is installed), over all classes present, on the 100
+    best-scored detections of each canvas (COCO's maxDets, which torchmetrics applies too, with a warning)."""
     from torchmetrics.detection import MeanAveragePrecision
     try:
         import faster_coco_eval  # noqa: F401
@@ -392,7 +393,8 @@ def coco_metrics(preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]
     except ImportError:
         backend = 'pycocotools'
     metric = MeanAveragePrecision(box_format='xyxy', iou_type='bbox', backend=backend)
-    metric.update(preds, targets)
+    top = [torch.argsort(p['scores'], descending=True, stable=True)[:100] for p in preds]  # COCO's maxDets 100,
+    metric.update([{k: v[t] for k, v in p.items()} for p, t in zip(preds, top)], targets)  # said, not warned about
     r = metric.compute()
     return {'map_50': float(r['map_50']), 'map': float(r['map']), 'mar_100': float(r['mar_100']),
             'coco_backend': backend}
