@@ -464,3 +464,12 @@ def test_peak_window_1_keeps_two_same_class_neighbours_that_3x3_peaks_merge():
     assert len(detect.decode(probs, canvas, g, peak=3, **args)['boxes']) == 1
     both = detect.decode(probs, canvas, g, peak=1, **args)
     assert sorted(both['boxes'][:, 0].tolist()) == [18, 30] and both['labels'].tolist() == [1, 1]
+
+
+def test_the_recorded_pr_curve_is_thinned_to_200_points_with_both_ends():
+    n = 5000
+    curve = {'threshold': np.linspace(1, 0, n), 'precision': np.linspace(1, 0.5, n), 'recall': np.linspace(0, 1, n)}
+    small = ex22.thin(curve)
+    assert len(small['threshold']) == 200 and small['recall'][0] == 0 and small['recall'][-1] == 1
+    assert ex22.thin({k: v[:3] for k, v in curve.items()})['threshold'] == curve['threshold'][:3].tolist()
+    assert ex22.thin({k: v[:0] for k, v in curve.items()}) == {'threshold': [], 'precision': [], 'recall': []}
