@@ -58,7 +58,7 @@ class Canvases:
         return len(self.images)
 
     def targets(self, truth: str = 'ink') -> list[dict[str, Tensor]]:
-        """Ground truth per canvas, as torchmetrics and detect.match take it: the tight ink boxes, or
+        """Ground truth per canvas, as torchmetrics and detect_metrics.match take it: the tight ink boxes, or
         (truth='placement') the square where each image was placed (28x28 unless scaled)."""
         boxes = self.placements if truth == 'placement' else self.boxes
         return [{'boxes': b, 'labels': c} for b, c in zip(boxes, self.labels)]

@@ -3,7 +3,8 @@
   fully_convolutionalize(model, input_shape)  the classifier as a conv net with the same weights
   decode(...)                                 score maps -> peaks -> ink-refined boxes -> per-class NMS
   Decoding, LIMITS                            the decoding keys (Decoding.from_config) and their limits
-  score(...)                                  threshold -> decode -> NMS -> match -> metrics (COCO, P/R/F1, count)
+  score(...)                                  threshold -> decode -> NMS -> match -> metrics (COCO, P/R/F1, count;
+                                              the metrics and the error census are detect_metrics')
 
 The canvases it is scored on are canvases.py's; its figures are detect_display.py's. Boxes are xyxy
 floats with exclusive ends, as in canvases.py.
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 import models
 from canvases import Canvases, ink_box
 from config import UserError
+from detect_metrics import best_threshold, coco_metrics, count_accuracy, match, pr_curve, prf_at
 
 # ---------------------------------------------------------------------------------------------
 # Network surgery
@@ -376,90 +378,6 @@ def time_per_canvas(fcn: FullyConvolutional, canvases: Canvases, mean: Tensor, s
     finally:
         torch.set_num_threads(before)
     return 1000 * float(np.median(times))
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-
-
-def coco_metrics(preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> dict[str, float]:
-    """COCO mAP@0.5, mAP@[.5:.95] and mAR@100 (torchmetrics MeanAveragePrecision, faster-coco-eval
-    backend, or pycocotools if that is what is installed), over all classes present, on the 100
-    best-scored detections of each canvas (COCO's maxDets, which torchmetrics applies too, with a warning)."""
-    from torchmetrics.detection import MeanAveragePrecision
-    try:
-        import faster_coco_eval  # noqa: F401
-        backend = 'faster_coco_eval'
-    except ImportError:
-        backend = 'pycocotools'
-    metric = MeanAveragePrecision(box_format='xyxy', iou_type='bbox', backend=backend)
-    top = [torch.argsort(p['scores'], descending=True, stable=True)[:100] for p in preds]  # COCO's maxDets 100,
-    metric.update([{k: v[t] for k, v in p.items()} for p, t in zip(preds, top)], targets)  # said, not warned about
-    r = metric.compute()
-    return {'map_50': float(r['map_50']), 'map': float(r['map']), 'mar_100': float(r['mar_100']),
-            'coco_backend': backend}
-
-
-def match(preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]],
-          iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
-    """Greedy COCO-style matching: per canvas and class, detections in score order each take the
-    unmatched ground-truth box of that class with the highest IoU >= iou. Returns (scores (D,),
-    true-positive flags (D,), number of ground-truth boxes). A detection's flag does not depend on
-    lower-scored ones, so one matching serves every score threshold."""
-    from torchvision.ops import box_iou
-    scores, tps, n_gt = [], [], 0
-    for p, t in zip(preds, targets):
-        n_gt += len(t['boxes'])
-        ious = box_iou(p['boxes'], t['boxes']) if len(p['boxes']) and len(t['boxes']) else None
-        taken = np.zeros(len(t['boxes']), bool)
-        for d in torch.argsort(p['scores'], descending=True, stable=True).tolist():
-            hit = False
-            if ious is not None:
-                ok = (t['labels'] == p['labels'][d]).numpy() & ~taken & (ious[d].numpy() >= iou)
-                if ok.any():
-                    g = int(np.argmax(np.where(ok, ious[d].numpy(), -1)))
-                    taken[g] = hit = True
-            scores.append(float(p['scores'][d]))
-            tps.append(hit)
-    return np.asarray(scores, float), np.asarray(tps, bool), n_gt
-
-
-def pr_curve(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> dict[str, np.ndarray]:
-    """Precision and recall of the detections with score >= each threshold (thresholds descending)."""
-    order = np.argsort(-scores, kind='stable')
-    s, hits = scores[order], tp[order].cumsum()
-    last = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, bool)  # one point per distinct score
-    n = np.arange(1, len(s) + 1)
-    return {'threshold': s[last], 'precision': (hits / n)[last], 'recall': (hits / max(n_gt, 1))[last]}
-
-
-def prf_at(scores: np.ndarray, tp: np.ndarray, n_gt: int, threshold: float) -> dict[str, float]:
-    keep = scores >= threshold
-    n_tp, n_det = int(tp[keep].sum()), int(keep.sum())
-    p = n_tp / n_det if n_det else 1.0
-    r = n_tp / n_gt if n_gt else 1.0
-    return {'precision': p, 'recall': r, 'f1': 2 * p * r / (p + r) if p + r else 0.0}
-
-
-def best_threshold(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> float:
-    """The score threshold with the highest F1 at IoU >= 0.5 (the highest such threshold on ties).
-    Meant for validation canvases, never the test ones."""
-    curve = pr_curve(scores, tp, n_gt)
-    if not len(curve['threshold']):
-        return 1.0
-    p, r = curve['precision'], curve['recall']
-    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0)
-    return float(curve['threshold'][int(np.argmax(f1))])  # argmax: the first = highest threshold
-
-
-def count_accuracy(preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]], threshold: float) -> float:
-    """Fraction of canvases with exactly as many detections (score >= threshold) as objects."""
-    right = [int((p['scores'] >= threshold).sum()) == len(t['boxes']) for p, t in zip(preds, targets)]
-    return float(np.mean(right)) if right else 0.0
-
-
-def above(preds: list[dict[str, Tensor]], threshold: float) -> list[dict[str, Tensor]]:
-    return [{k: v[p['scores'] >= threshold] for k, v in p.items()} for p in preds]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def print_results(results: dict, labels: dict[str, str]) -> None:
         for track, variants in results['box_ablation'].items():
             for name, m in variants.items():
                 print(f"  {labels[track][:24]:<26}{name:<28}" + ''.join(f"{m[k]:>11.4f}" for k in cols))
-    print("\nwhy counts are wrong (detect_errors; boxes at the output threshold)")
+    print("\nwhy counts are wrong (detect_metrics; boxes at the output threshold)")
     for name, m in results['tracks'].items():
         e = m['errors']
         extra = ', '.join(f"{k} {v}" for k, v in sorted(e['detections'].items()) if k != 'correct')

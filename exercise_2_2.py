@@ -15,13 +15,12 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
 import canvases
 import detect
-import detect_errors
+import detect_metrics
 from config import AFTER, CHOOSES, COMMON, DATA, RECIPE, RESULT, UserError, check, cli, keys_with
 from dataset import Data, dataset_names, load_data
 from detect_display import figures, log_tables, print_results
@@ -234,19 +233,11 @@ def run_track(model: nn.Module, data: Data, val: canvases.Canvases, test: canvas
                'geometry': vars(fcn.geometry),
                'surgery': detect.surgery_check(model, fcn, data.test.normalize(data.test.x[:256]).cpu(),
                                                config['canvas_size']),
-               'pr_curve': thin(score.curve),
-               'errors': detect_errors.count_errors(score.output, test.targets(), score.threshold)}
+               'pr_curve': detect_metrics.thin(score.curve),
+               'errors': detect_metrics.count_errors(score.output, test.targets(), score.threshold)}
     ablation = box_ablation(fcn, data, val, test, config, metrics) if config['box_ablation'] else None
-    return {'metrics': metrics, 'preds': detect.above(score.output, score.threshold), 'maps': score.first_maps,
+    return {'metrics': metrics, 'preds': detect_metrics.above(score.output, score.threshold), 'maps': score.first_maps,
             'geometry': fcn.geometry, 'ablation': ablation}
-
-
-def thin(curve: dict, points: int = 200) -> dict[str, list]:
-    """The PR curve at most `points` points, evenly spread over its thresholds, for results.json: every
-    candidate a threshold (peak_window 1) gives tens of thousands, and the records stay small."""
-    n = len(curve['threshold'])
-    keep = np.unique(np.linspace(0, n - 1, min(points, n)).round().astype(int)) if n else np.zeros(0, int)
-    return {k: np.asarray(v)[keep].tolist() for k, v in curve.items()}
 
 
 def box_ablation(fcn: detect.FullyConvolutional, data: Data, val: canvases.Canvases, test: canvases.Canvases,

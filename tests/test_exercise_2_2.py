@@ -10,6 +10,7 @@ import torch
 
 import canvases
 import detect
+import detect_metrics
 import exercise_2_2 as ex22
 from config import UserError, cli
 from conftest import write_mnist
@@ -298,8 +299,8 @@ def test_a_raw_window_on_the_placed_square_is_a_hit_against_placement_truth_only
     g = detect.Geometry(stride=8, receptive_field=38, offset=-7, window=28)
     out = detect.decode(probs, img[0, 0].numpy(), g, 10, 0.5, 0.3, 32, 4, refine=False, drop_empty=False)
     assert out['boxes'].tolist() == [[16., 8, 44, 36]]
-    assert detect.match([out], cv.targets('placement'))[1].tolist() == [True]
-    assert detect.match([out], cv.targets())[1].tolist() == [False]    # IoU 64/784 with the ink box
+    assert detect_metrics.match([out], cv.targets('placement'))[1].tolist() == [True]
+    assert detect_metrics.match([out], cv.targets())[1].tolist() == [False]    # IoU 64/784 with the ink box
 
 
 def test_metric_wiring_on_known_cases():
@@ -307,22 +308,22 @@ def test_metric_wiring_on_known_cases():
     target = [{'boxes': boxes, 'labels': torch.zeros(4, dtype=torch.long)}]
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     perfect = [{'boxes': boxes.clone(), 'scores': scores, 'labels': torch.zeros(4, dtype=torch.long)}]
-    m = detect.coco_metrics(perfect, target)
+    m = detect_metrics.coco_metrics(perfect, target)
     assert (m['map_50'], m['map'], m['mar_100']) == (1.0, 1.0, 1.0)
-    assert detect.prf_at(*detect.match(perfect, target), 0.5) == {'precision': 1.0, 'recall': 1.0, 'f1': 1.0}
+    assert detect_metrics.prf_at(*detect_metrics.match(perfect, target), 0.5) == {'precision': 1.0, 'recall': 1.0, 'f1': 1.0}
 
     off = [{**perfect[0], 'boxes': boxes.clone()}]
     off[0]['boxes'][3] += torch.tensor([100., 0, 100, 0])             # the lowest-scored box misses entirely
-    m = detect.coco_metrics(off, target)
+    m = detect_metrics.coco_metrics(off, target)
     # COCO AP: 101 recall points; precision 1 up to recall 0.75 (76 points), 0 after
     assert m['map_50'] == pytest.approx(76 / 101, abs=1e-6) and m['map'] == pytest.approx(76 / 101, abs=1e-6)
     assert m['mar_100'] == pytest.approx(0.75, abs=1e-6)
-    assert detect.prf_at(*detect.match(off, target), 0.5) == pytest.approx(
+    assert detect_metrics.prf_at(*detect_metrics.match(off, target), 0.5) == pytest.approx(
         {'precision': 0.75, 'recall': 0.75, 'f1': 0.75})
 
     shifted = [{**perfect[0], 'boxes': boxes.clone()}]
     shifted[0]['boxes'][3] += torch.tensor([2., 0, 2, 0])             # IoU 80/120 = 0.667: a hit up to 0.65
-    m = detect.coco_metrics(shifted, target)
+    m = detect_metrics.coco_metrics(shifted, target)
     assert m['map_50'] == 1.0
     assert m['map'] == pytest.approx((4 * 1 + 6 * 76 / 101) / 10, abs=1e-6)   # 4 of 10 IoU thresholds pass
 
@@ -330,12 +331,12 @@ def test_metric_wiring_on_known_cases():
 def test_threshold_choice_and_counts():
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
     tp = np.array([True, True, False, True, False])
-    assert detect.best_threshold(scores, tp, n_gt=3) == 0.6            # P 3/4, R 1 -> F1 0.857, the best
-    curve = detect.pr_curve(scores, tp, 3)
+    assert detect_metrics.best_threshold(scores, tp, n_gt=3) == 0.6            # P 3/4, R 1 -> F1 0.857, the best
+    curve = detect_metrics.pr_curve(scores, tp, 3)
     assert curve['recall'].tolist() == pytest.approx([1 / 3, 2 / 3, 2 / 3, 1, 1])
     preds = [{'scores': torch.tensor([0.9, 0.4])}, {'scores': torch.tensor([0.8])}]
     targets = [{'boxes': torch.zeros(1, 4)}, {'boxes': torch.zeros(2, 4)}]
-    assert detect.count_accuracy(preds, targets, 0.5) == 0.5
+    assert detect_metrics.count_accuracy(preds, targets, 0.5) == 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +470,7 @@ def test_peak_window_1_keeps_two_same_class_neighbours_that_3x3_peaks_merge():
 def test_the_recorded_pr_curve_is_thinned_to_200_points_with_both_ends():
     n = 5000
     curve = {'threshold': np.linspace(1, 0, n), 'precision': np.linspace(1, 0.5, n), 'recall': np.linspace(0, 1, n)}
-    small = ex22.thin(curve)
+    small = detect_metrics.thin(curve)
     assert len(small['threshold']) == 200 and small['recall'][0] == 0 and small['recall'][-1] == 1
-    assert ex22.thin({k: v[:3] for k, v in curve.items()})['threshold'] == curve['threshold'][:3].tolist()
-    assert ex22.thin({k: v[:0] for k, v in curve.items()}) == {'threshold': [], 'precision': [], 'recall': []}
+    assert detect_metrics.thin({k: v[:3] for k, v in curve.items()})['threshold'] == curve['threshold'][:3].tolist()
+    assert detect_metrics.thin({k: v[:0] for k, v in curve.items()}) == {'threshold': [], 'precision': [], 'recall': []}

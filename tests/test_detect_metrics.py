@@ -1,7 +1,7 @@
-"""detect_errors: each kind of wrong box and each kind of lost object, on hand-made canvases."""
+"""detect_metrics: each kind of wrong box and each kind of lost object, on hand-made canvases."""
 import torch
 
-from detect_errors import canvas_errors, count_errors
+from detect_metrics import canvas_errors, count_errors
 
 
 def t(boxes, labels):
