@@ -27,7 +27,7 @@ offline: install
 	$(PYTHON) exercise_1_1.py --dataset digits $(ARGS)
 
 test: install
-	$(PYTHON) -m pytest -q -n auto tests
+	$(PYTHON) -m pytest -q -n auto --dist worksteal tests
 
 gpu-check: install
 	$(PYTHON) bench/gpu_check.py $(ARGS)
