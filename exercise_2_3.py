@@ -26,12 +26,13 @@ from dataset import DATASETS, Split, dataset_names, load_data, load_imagenette, 
 from evaluate import check_model_on_data, load_model
 from explain import describe, faithfulness, map_size, predict_all
 from explain_display import (example_figures, plot_cascade, plot_faithfulness, plot_rank_correlation, print_cascade,
-                             print_comparisons, print_table, table_rows)
+                             print_comparisons, print_data_randomisation, print_table, table_rows)
+from exercise_1_3 import build_model
 from files import write_json
 from models import CNN, IMAGENET_MEAN, IMAGENET_STD, IMAGENETTE_TO_IMAGENET, build_resnet18, restrict_head
 from provenance import data_fingerprint, split_fingerprint
 from record import Run
-from sanity import method_comparisons, sanity_checks, significant
+from sanity import data_randomisation, method_comparisons, permuted_label_model, sanity_checks, significant
 
 EXERCISE = 'exercise_2_3'
 # What part 1's --checkpoint must hold: CAM needs conv feature maps (model.features) and a GAP + Linear head
@@ -51,6 +52,9 @@ config = {
     'substrate': 'auto',            # auto (black on mnist, fashion_mnist, digits; else rise) | black | rise
     'sensitivity': True,            # also score every map with the other substrate (a sensitivity table)
     'sanity_images': 200,           # part 1: test images (spread) for Adebayo's cascading randomisation (0 = skip)
+    'random_labels_epochs': 0,      # part 1: Adebayo's data randomisation: epochs of a copy trained on permuted labels (0 = skip: a training run)
+    'random_labels_subset': 5000,   # its training images (val, test: as many at most): memorised in minutes on a CPU
+    'random_labels_seed': 1,        # seed of its training labels' permutation (its init and shuffling: --seed)
     'min_map_size': 3,              # refuse target-layer maps smaller than this many cells a side (1x1 cannot localise)
     'weights': 'imagenet',          # imagenet (torchvision download) | random (smoke runs: meaningless maps)
     'image_size': 160,              # Imagenette: resize the shorter side, centre crop (px)
@@ -203,23 +207,33 @@ def explain_cnn(run: Run, model: nn.Module, ckpt: Checkpoint, config: dict, over
                         examples=name, to_assets=config['assets'])
     setup = {'checkpoint': config['checkpoint'], 'dataset': data.name, 'data_dir': data_config['data_dir'],
              'test_acc': acc, 'test_images': len(test), **out.pop('setup'), 'data': data_fingerprint(data)}
-    sanity, paths = run_sanity(run, model, test, data.name, config)
+    sanity, paths = run_sanity(run, model, ckpt, test, data.name, config, overrides)
     return {'cnn': out['cnn'], 'cnn_sensitivity': out['cnn_sensitivity'], 'cnn_comparisons': out['cnn_comparisons'],
             'cnn_sanity': sanity, 'cnn_setup': setup, 'cnn_curves': out['cnn_curves'], 'warnings': out['warnings'],
             'figures': out['figures'] + paths}
 
 
-def run_sanity(run: Run, model: nn.Module, split: Split, dataset: str, config: dict) -> tuple[dict | None, list[str]]:
-    """Adebayo's cascading randomisation (sanity.sanity_checks) on config['sanity_images'] images spread
-    over split: printed, drawn (maps per step, rho per step), logged. (None, []) when that is 0."""
+def run_sanity(run: Run, model: nn.Module, ckpt: Checkpoint, split: Split, dataset: str, config: dict,
+               overrides: dict) -> tuple[dict | None, list[str]]:
+    """Adebayo's cascading randomisation (sanity.sanity_checks) and, with config['random_labels_epochs'],
+    data randomisation (sanity.data_randomisation) on config['sanity_images'] images spread over split:
+    printed, drawn (maps per step, rho per step), logged. (None, []) when that is 0."""
     if config['sanity_images'] <= 0:
         return None, []
     idx = spread(len(split), config['sanity_images']).to(split.x.device)
-    record, maps = sanity_checks(model, split.normalize(split.x[idx]), split.mean, split.std,
-                                 substrate_for(dataset, config['substrate']), steps=config['faithfulness_steps'],
-                                 batch_size=config['batch_size'], seed=config['seed'])
+    x, substrate = split.normalize(split.x[idx]), substrate_for(dataset, config['substrate'])
+    kw = dict(steps=config['faithfulness_steps'], batch_size=config['batch_size'], seed=config['seed'])
+    record, maps = sanity_checks(model, x, split.mean, split.std, substrate, **kw)
     print_cascade(record)
     print_comparisons('sanity checks', record['faithfulness']['comparisons'])
+    record['data_randomisation'] = None  # --random_labels_epochs 0: skipped
+    if config['random_labels_epochs'] > 0:  # trains (or reuses) a model through training.cached_run
+        permuted, about = permuted_label_model(EXERCISE, ckpt.config, config, 'data_dir' in overrides, build_model,
+                                               run.device)
+        data_random, maps['permuted labels'] = data_randomisation(model, permuted, x, split.mean, split.std, substrate, **kw)
+        record['data_randomisation'] = data_random = {**data_random, 'model': significant(about)}
+        print_data_randomisation(data_random)
+        run.log_table('cnn_sanity_data_randomisation', [{'method': m, **r} for m, r in data_random['rank_correlation'].items()])
     title = f"{type(model).__name__} {dataset}, {record['images']} test images"
     copy_to = os.path.join(HERE, config['assets_dir']) if config['assets'] else None
     paths = run.log_figures({'cnn_sanity_maps': plot_cascade(split.x[idx[:3]].cpu(), maps, title),

@@ -198,6 +198,19 @@ def print_cascade(record: dict) -> None:
         print(f"  scored {_name(m):<26}" + ', '.join(f"{row[k]:.3f}" for k in BETTER))
 
 
+def print_data_randomisation(record: dict) -> None:
+    """Adebayo's data randomisation (sanity.data_randomisation): a line per method, one for the model."""
+    print(f"\ndata randomisation (Adebayo et al. 2018), {record['images']} images: Spearman rho of each method's maps "
+          f"of a copy trained on permuted labels with the trained model's (mean, 95% interval)")
+    for m, r in record['rank_correlation'].items():
+        print(f"  {LABELS[m]:<12} rho {r['rho']:+.2f} ({r['lo']:+.2f} to {r['hi']:+.2f}), flat maps "
+              f"{100 * r['flat_maps']:.0f}%")
+    m = record['model']
+    print(f"  model {m['run_dir']} ({m['checkpoint']}, {m['epochs']} epochs, {m['subset'] or 'all'} training images): "
+          f"{100 * m['train_acc_permuted']:.1f}% of its permuted training labels memorised, true test acc "
+          f"{100 * m['test_acc']:.1f}% (chance {100 * m['chance']:.0f}%)")
+
+
 def plot_cascade(images: Tensor, figure_maps: dict[str, dict[str, Tensor]], title: str) -> Figure:
     """Adebayo's Fig. 2: one row per (image, method), one column per cascade step (trained first),
     each map over its image. images uint8 (n, C, H, W) on the CPU, figure_maps {step: {method: (n, H, W)}}."""
@@ -218,7 +231,8 @@ def plot_cascade(images: Tensor, figure_maps: dict[str, dict[str, Tensor]], titl
                 ax.set_title(step, fontsize=6, rotation=30)
             if c == 0:
                 ax.set_ylabel(f"#{i} {LABELS[m]}", fontsize=6)
-    fig.suptitle(f"{title}\ncascading randomisation: columns re-initialise one more layer group, head first",
+    last = '; last column: a copy trained on permuted labels' if 'permuted labels' in figure_maps else ''
+    fig.suptitle(f"{title}\ncascading randomisation: columns re-initialise one more layer group, head first{last}",
                  fontsize=8)
     return fig
 

@@ -1,21 +1,32 @@
 """Controls for exercise 2.3's maps: Adebayo et al. (2018)'s cascading model-parameter randomisation
 (re-initialise a models.CNN from the head down; rank-correlate each method's maps with the trained
-model's; score the fully randomised model's maps for faithfulness on the trained model) and paired
-comparisons between maps, Holm-corrected over a stated family. Why each choice: docs/exercise_2_3.md.
+model's; score the fully randomised model's maps for faithfulness on the trained model), their data
+randomisation (the same comparisons for a copy trained on permuted training labels: its labels and
+config) and paired comparisons between maps, Holm-corrected over a stated family.
+Why each choice: docs/exercise_2_3.md.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+import os
 from typing import Iterator
 
 import torch
 from scipy.stats import rankdata
 from torch import Tensor, nn
 
+from config import RUNS, identity, keys_with
+from dataset import Data, load_data
+from evaluate import evaluate, load_model
 from explain import BETTER, METHODS, bootstrap_ci, compare, explain_all, map_scores, predict, substrate_fns
+from models import CNN
+from training import BuildModel, cached_run, digest
 
 LEVEL = 0.05  # family-wise error rate of every Holm-corrected family
+SIMILARITY = ('Spearman rank correlation per image of the upsampled maps (ties at average rank; a flat map '
+              'correlates 0), mean and 95% bootstrap interval over images')
 BATCHNORM = ('randomised groups: weight 1, bias 0, running statistics re-estimated on the explained images (stale '
              'ones would mis-scale the random layers); every other BatchNorm keeps its trained statistics')
 
@@ -184,20 +195,96 @@ def sanity_checks(model: nn.Module, images: Tensor, mean: Tensor, std: Tensor, s
         record['randomised_modules'][step] = names[len(done):]  # this step's group; the earlier ones stay random
         done = names
         figure[step] = {m: v[:shown].cpu() for m, v in maps.items()}
-    g = torch.Generator().manual_seed(seed)
-    scored = {**trained, **{f'{m}_randomised': v for m, v in maps.items()},
-              'random': torch.rand(len(images), *images.shape[2:], generator=g).to(images.device)}
-    values = _scored(model, images, scored, substrate, mean, std, steps, batch_size, seed)
-    pairs = [(f'{m}_randomised', ref) for m in METHODS for ref in (m, 'random')]
-    family = (f"each method's fully randomised maps vs its trained maps and vs i.i.d. random maps, on the trained "
-              f"model, {len(BETTER)} metrics ({len(pairs) * len(BETTER)} paired comparisons), Holm at {LEVEL}")
-    record['faithfulness'] = {
-        'table': significant({m: {k: v.mean().item() for k, v in row.items()} for m, row in values.items()}),
-        'comparisons': paired_family(values, pairs, family, seed), 'substrate': substrate, 'steps': steps,
-        'scored_on': 'the trained model (its predicted class): do maps of a model that knows nothing still '
-                     'pass the faithfulness test?'}
+    record['faithfulness'] = _against_trained(model, images, trained, {f'{m}_randomised': maps[m] for m in METHODS},
+                                              'fully randomised', mean, std, substrate, steps, batch_size, seed)
     record |= {'images': len(images), 'explained_class': "the trained model's prediction, at every step",
-               'similarity': 'Spearman rank correlation per image of the upsampled maps (ties at average rank; '
-                             'a flat map correlates 0), mean and 95% bootstrap interval over images',
-               'init': 'reset_parameters (PyTorch default), seed + step', 'batchnorm': BATCHNORM}
+               'similarity': SIMILARITY, 'init': 'reset_parameters (PyTorch default), seed + step',
+               'batchnorm': BATCHNORM}
     return record, figure
+
+
+def _against_trained(model: nn.Module, images: Tensor, trained: dict[str, Tensor], other: dict[str, Tensor],
+                     what: str, mean: Tensor, std: Tensor, substrate: str, steps: int, batch: int, seed: int) -> dict:
+    """Every method's `other` maps ('<method>_<suffix>', `what` they are) vs its trained maps and vs i.i.d.
+    random maps, all scored on the trained model: {table, comparisons (a Holm family), substrate, steps, scored_on}."""
+    g = torch.Generator().manual_seed(seed)
+    scored = {**trained, **other, 'random': torch.rand(len(images), *images.shape[2:], generator=g).to(images.device)}
+    values = _scored(model, images, scored, substrate, mean, std, steps, batch, seed)
+    pairs = [(name, ref) for name, m in zip(other, METHODS) for ref in (m, 'random')]
+    family = (f"each method's {what} maps vs its trained maps and vs i.i.d. random maps, on the trained "
+              f"model, {len(BETTER)} metrics ({len(pairs) * len(BETTER)} paired comparisons), Holm at {LEVEL}")
+    return {'table': significant({m: {k: v.mean().item() for k, v in row.items()} for m, row in values.items()}),
+            'comparisons': paired_family(values, pairs, family, seed), 'substrate': substrate, 'steps': steps,
+            'scored_on': 'the trained model (its predicted class): do maps of a model that knows nothing still '
+                         'pass the faithfulness test?'}
+
+
+# ----------------------------------------------------------------------------- data randomisation
+
+def permute_labels(data: Data, seed: int) -> Data:
+    """data with its training labels shuffled among its training images (torch.randperm, seeded): the
+    class histogram is unchanged, no label says anything about its image, so a model can only memorise.
+    val and test keep their true labels; the name says what was done (results.json's 'dataset')."""
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).to(data.train.y.device)
+    return dataclasses.replace(data, name=f"{data.name}, training labels permuted (seed {seed})",
+                               train=dataclasses.replace(data.train, y=data.train.y[order]))
+
+
+def permuted_label_config(trained: dict, config: dict, data_dir_given: bool) -> tuple[dict, str]:
+    """The permuted-label model's config and run name: the explained checkpoint's config `trained` (its
+    architecture, data and recipe) with exercise 2.3's random_labels_* keys, seed, max_steps and where it
+    runs; without augmentation (a shifted copy of an image with a random label slows memorisation and adds
+    nothing to this check). Its own config says its labels were permuted; its name carries the digest of
+    everything that shapes it, so a changed setting trains a new model."""
+    runs = {k: config[k] for k in keys_with(config, RUNS) if k != 'data_dir' or data_dir_given}
+    seed = config['random_labels_seed']
+    cfg = {**trained, **runs, 'epochs': config['random_labels_epochs'], 'subset': config['random_labels_subset'],
+           'seed': config['seed'], 'max_steps': config['max_steps'], 'augment': False, 'label_permutation_seed': seed,
+           'train_labels': f"PERMUTED: the training labels shuffled among the training images (torch.randperm, "
+                           f"seed {seed}), so this model can only memorise them; val and test labels are true "
+                           f"(exercise 2.3's data randomisation check)"}
+    return cfg, f"random-labels-{trained['dataset']}-{digest(identity(cfg))}"
+
+
+def permuted_label_model(exercise: str, trained: dict, config: dict, data_dir_given: bool, build_model: BuildModel,
+                         device: torch.device) -> tuple[nn.Module, dict]:
+    """The data randomisation's model through the one training path (training.cached_run, under
+    runs/<exercise>/, reused when done): permuted_label_config's run on permute_labels(load_data(...)).
+    Its LAST checkpoint: with true val labels, best-on-val would pick the least memorised epoch.
+    Returns (model on device, its record: run_dir, checkpoint, epochs, subset, permutation_seed, memorisation)."""
+    cfg, name = permuted_label_config(trained, config, data_dir_given)
+
+    def make_data(c: dict, on: torch.device) -> Data:
+        return permute_labels(load_data(c, on), c['label_permutation_seed'])
+    run_dir, _ = cached_run(exercise, cfg, name, build_model, make_data=make_data, tags=['random-labels'])
+    model, _ = load_model(os.path.join(run_dir, 'checkpoints', 'last.pt'), expect=(CNN,), what='a models.CNN')
+    model.to(device).eval()
+    return model, {'run_dir': run_dir, 'checkpoint': 'last.pt', 'epochs': cfg['epochs'], 'subset': cfg['subset'],
+                   'permutation_seed': cfg['label_permutation_seed'], **memorisation(model, make_data(cfg, device))}
+
+
+def memorisation(model: nn.Module, data: Data) -> dict:
+    """Accuracy of a permuted-label model on its own (permuted) training labels, unaugmented, and on the
+    true test labels: memorised if the first is high, nothing learned about the task if the second is chance."""
+    train = dataclasses.replace(data.train, augment=None)
+    return {'train_acc_permuted': evaluate(model, train)['acc'], 'test_acc': evaluate(model, data.test)['acc'],
+            'chance': 1 / data.num_classes}
+
+
+def data_randomisation(model: nn.Module, permuted_model: nn.Module, images: Tensor, mean: Tensor, std: Tensor,
+                       substrate: str, *, steps: int, batch_size: int, seed: int, shown: int = 3) -> tuple[dict, dict]:
+    """Adebayo et al.'s data randomisation on normalised images (N, C, H, W): each method's maps of
+    permuted_model (the same architecture trained on permuted labels) vs the trained model's, both for
+    the trained model's predicted class. Returns (record, figure maps): record = {'rank_correlation':
+    {method: {rho, lo, hi, flat_maps}}, 'faithfulness': the permuted-label model's maps (and i.i.d. random)
+    scored on the trained model, ...}; figure maps = {method: the first `shown` maps of permuted_model}."""
+    _, classes = predict(model, images)
+    trained = explain_all(model, images, model.features, model.classifier, batch_size, classes)
+    maps = explain_all(permuted_model, images, permuted_model.features, permuted_model.classifier, batch_size, classes)
+    record = {'rank_correlation': {m: _rho(spearman(trained[m], maps[m]), maps[m].flatten(1).amax(1) == 0, seed)
+                                   for m in METHODS},
+              'faithfulness': _against_trained(model, images, trained, {f'{m}_permuted': maps[m] for m in METHODS},
+                                               'permuted-label model', mean, std, substrate, steps, batch_size, seed),
+              'images': len(images), 'explained_class': "the trained model's prediction, for both models",
+              'similarity': SIMILARITY}
+    return record, {m: v[:shown].cpu() for m, v in maps.items()}

@@ -139,3 +139,68 @@ def test_sanity_checks_record_shape():
     assert set(row) == {'rho', 'lo', 'hi', 'flat_maps'} and row['lo'] <= row['rho'] <= row['hi']
     assert set(figure) == {'trained', *record['cascade']} and figure['trained']['cam'].shape == (2, 28, 28)
     assert record['faithfulness']['comparisons']['size'] == 24
+
+
+# ----------------------------------------------------------------------------- data randomisation
+
+def toy_data(n: int = 60):
+    from dataset import Data, Split
+    g = torch.Generator().manual_seed(0)
+    split = lambda k: Split(x=torch.randint(0, 256, (k, 1, 28, 28), dtype=torch.uint8, generator=g),
+                            y=torch.arange(k) % 10, mean=MEAN.view(1, 1, 1, 1), std=STD.view(1, 1, 1, 1))
+    return Data('mnist', split(n), split(20), split(20), [str(d) for d in range(10)])
+
+
+def test_permuting_labels_is_a_permutation_of_the_training_labels_only():
+    data = toy_data()
+    a, b, c = S.permute_labels(data, 1), S.permute_labels(data, 1), S.permute_labels(data, 2)
+    assert torch.equal(a.train.y, b.train.y) and not torch.equal(a.train.y, c.train.y)   # deterministic per seed
+    assert torch.equal(a.train.y.bincount(), data.train.y.bincount())                  # same class histogram
+    assert (a.train.y != data.train.y).float().mean() > 0.5                            # labels actually moved
+    assert torch.equal(a.train.x, data.train.x)                                        # images stay where they are
+    for name in ('val', 'test'):                                                       # true labels untouched
+        assert torch.equal(getattr(a, name).y, getattr(data, name).y)
+        assert torch.equal(getattr(a, name).x, getattr(data, name).x)
+    assert torch.equal(data.train.y, torch.arange(60) % 10)                            # the input is not changed
+    assert 'permuted' in a.name and 'seed 1' in a.name and data.name == 'mnist'
+
+
+def test_data_randomisation_of_a_model_against_itself_is_identity():
+    """The same model as its own 'permuted-label' copy: rho 1 for every method whose maps are not flat,
+    and every comparison of its maps with the trained maps a tie (diff 0, p 1)."""
+    def fresh_cnn(seed: int) -> CNN:  # PyTorch's init: no flat maps on these images (tiny_cnn's are all flat)
+        torch.manual_seed(seed)
+        return CNN(1, 10, [4, 8, 8], depth=1).eval()
+    model, x = fresh_cnn(0), digits(8)
+    record, figure = S.data_randomisation(model, model, x, MEAN, STD, 'black', steps=2, batch_size=3, seed=0, shown=2)
+    assert set(record['rank_correlation']) == set(E.METHODS) and figure['cam'].shape == (2, 28, 28)
+    for m, row in record['rank_correlation'].items():
+        assert row == {'rho': 1.0, 'lo': 1.0, 'hi': 1.0, 'flat_maps': 0.0}, m
+    faith = record['faithfulness']
+    assert faith['comparisons']['size'] == 24 and 'permuted-label' in faith['comparisons']['family']
+    assert set(faith['table']) == {*E.METHODS, *(f'{m}_permuted' for m in E.METHODS), 'random'}
+    for m in E.METHODS:
+        assert faith['table'][f'{m}_permuted'] == faith['table'][m]
+        for r in faith['comparisons']['pairs'][f'{m}_permuted_vs_{m}'].values():
+            assert r['diff'] == 0 and r['p'] == 1 and r['verdict'] == 'tie'
+        assert f'{m}_permuted_vs_random' in faith['comparisons']['pairs']
+    other, _ = S.data_randomisation(model, fresh_cnn(1), x, MEAN, STD, 'black', steps=2, batch_size=3, seed=0)
+    assert any(r['rho'] < 0.99 for r in other['rank_correlation'].values())  # another model's maps differ
+
+
+def test_permuted_label_config_names_every_setting_that_shapes_it():
+    import exercise_2_3 as ex23
+    trained = {'dataset': 'mnist', 'data_dir': '/elsewhere', 'epochs': 15, 'subset': 0, 'seed': 3, 'augment': True,
+               'lr': 0.1, 'run_name': 'r', 'resume': '', 'runs_dir': '/old', 'wandb': 'online', 'device': 'cuda'}
+    config = {**ex23.config, 'random_labels_epochs': 4, 'runs_dir': '/new', 'wandb': 'off', 'device': 'cpu'}
+    cfg, name = S.permuted_label_config(trained, config, data_dir_given=False)
+    assert name.startswith('random-labels-mnist-') and cfg['data_dir'] == '/elsewhere'
+    assert (cfg['epochs'], cfg['subset'], cfg['seed'], cfg['augment']) == (4, 5000, 0, False)
+    assert (cfg['runs_dir'], cfg['wandb'], cfg['device'], cfg['lr']) == ('/new', 'off', 'cpu', 0.1)
+    assert cfg['label_permutation_seed'] == 1 and cfg['train_labels'].startswith('PERMUTED')
+    changed = [{'random_labels_seed': 2}, {'random_labels_epochs': 5}, {'random_labels_subset': 100}, {'seed': 1}]
+    names = {S.permuted_label_config(trained, {**config, **c}, False)[1] for c in changed}
+    assert len(names) == len(changed) and name not in names
+    assert S.permuted_label_config({**trained, 'lr': 0.2}, config, False)[1] != name       # the recipe
+    same = {**config, 'runs_dir': '/other', 'wandb': 'offline', 'device': 'auto', 'data_dir': '/x'}
+    assert S.permuted_label_config(trained, same, True)[1] == name                         # where it runs: no
