@@ -25,6 +25,8 @@ from models import CNN
 from training import BuildModel, cached_run, digest
 
 LEVEL = 0.05  # family-wise error rate of every Holm-corrected family
+SHORT = {'deletion_auc': 'deletion', 'insertion_auc': 'insertion', 'average_drop': 'avg_drop',
+         'increase_in_confidence': 'increase'}  # the data randomisation's verdicts: results.json is nearly full
 SIMILARITY = ('Spearman rank correlation per image of the upsampled maps (ties at average rank; a flat map '
               'correlates 0), mean and 95% bootstrap interval over images')
 BATCHNORM = ('randomised groups: weight 1, bias 0, running statistics re-estimated on the explained images (stale '
@@ -276,15 +278,26 @@ def data_randomisation(model: nn.Module, permuted_model: nn.Module, images: Tens
     """Adebayo et al.'s data randomisation on normalised images (N, C, H, W): each method's maps of
     permuted_model (the same architecture trained on permuted labels) vs the trained model's, both for
     the trained model's predicted class. Returns (record, figure maps): record = {'rank_correlation':
-    {method: {rho, lo, hi, flat_maps}}, 'faithfulness': the permuted-label model's maps (and i.i.d. random)
-    scored on the trained model, ...}; figure maps = {method: the first `shown` maps of permuted_model}."""
+    {method: {rho, lo, hi, flat_maps}}, 'faithfulness': the permuted-label model's maps scored on the trained
+    model (table: their rows; comparisons: the Holm family's verdict and difference per pair and metric), ...};
+    figure maps = {method: the first `shown` maps of permuted_model}. Compact, in words where the cascade
+    has numbers: exercise 2.3's results.json, cascade included, must stay under 64 KB."""
     _, classes = predict(model, images)
     trained = explain_all(model, images, model.features, model.classifier, batch_size, classes)
     maps = explain_all(permuted_model, images, permuted_model.features, permuted_model.classifier, batch_size, classes)
+    faith = _against_trained(model, images, trained, {f'{m}_permuted': maps[m] for m in METHODS},
+                             'permuted-label', mean, std, substrate, steps, batch_size, seed)
+    family = faith['comparisons']
+    faith |= {'table': {k: v for k, v in faith['table'].items() if k.endswith('_permuted')},
+              'comparisons': {'family': f"each method's permuted-label maps vs its trained maps and vs i.i.d. random "
+                                        f"maps, {len(BETTER)} metrics x {len(family['pairs'])} pairs, Holm at {LEVEL}",
+                              **{k: family[k] for k in ('size', 'level', 'correction')},
+                              'verdicts': {pair: ', '.join(f"{SHORT[k]} {r['verdict']} ({r['diff']:+.2g})"
+                                                           for k, r in row.items())
+                                           for pair, row in family['pairs'].items()}},
+              'scored_on': "the trained model; trained and random rows: cnn_sanity.faithfulness"}
     record = {'rank_correlation': {m: _rho(spearman(trained[m], maps[m]), maps[m].flatten(1).amax(1) == 0, seed)
                                    for m in METHODS},
-              'faithfulness': _against_trained(model, images, trained, {f'{m}_permuted': maps[m] for m in METHODS},
-                                               'permuted-label model', mean, std, substrate, steps, batch_size, seed),
-              'images': len(images), 'explained_class': "the trained model's prediction, for both models",
-              'similarity': SIMILARITY}
+              'faithfulness': faith, 'images': len(images),
+              'explained_class': "the trained model's prediction", 'similarity': "as the cascade's"}
     return record, {m: v[:shown].cpu() for m, v in maps.items()}

@@ -168,11 +168,70 @@ def test_part1_smoke_writes_figures_and_faithfulness(tiny_checkpoint, tmp_path, 
     assert sanity['faithfulness']['comparisons']['size'] == 24 and sanity['images'] == 12
     for name in ('cnn_sanity_maps', 'cnn_sanity_rank_correlation'):
         assert os.path.exists(os.path.join(run_dir, f'{name}.png'))
+    assert sanity['data_randomisation'] is None                        # --random_labels_epochs 0: skipped
     assert os.path.exists(os.path.join(run_dir, 'cnn_faithfulness.png'))
     assert any(os.path.exists(os.path.join(run_dir, f'cnn_{k}.png')) for k in ('correct', 'wrong'))
     assert not (tmp_path / 'assets').exists()                          # by default the README's figures stay
     printed = capsys.readouterr().out
     assert 'faithfulness' in printed and 'random' in printed and 'part 1 (our CNN) done' in printed
+    assert 'data randomisation' not in printed
+
+
+def test_part1_smoke_with_data_randomisation(tiny_checkpoint, tmp_path, capsys):
+    runs = str(tmp_path / 'runs')
+    cli(ex23.main, ex23.config, ['--checkpoint', tiny_checkpoint['path'], '--part', 'cnn', '--runs_dir', runs,
+                                 '--run_name', 'dr', *TINY, '--random_labels_epochs', '2',
+                                 '--random_labels_subset', '48'])  # seconds: 2 steps an epoch
+    run_dir, results = results_of(runs, 'dr')
+    assert os.path.getsize(os.path.join(run_dir, 'results.json')) <= 64 * 1024
+    check_data_randomisation(results['cnn_sanity']['data_randomisation'], runs)
+    assert os.path.exists(os.path.join(run_dir, 'cnn_sanity_maps.png'))
+    printed = capsys.readouterr().out.split('data randomisation (Adebayo et al. 2018)')[1].splitlines()
+    assert [line.split()[0] for line in printed[1:5]] == ['CAM', 'Grad-CAM', 'Grad-CAM++', 'model']
+    assert 'rho' in printed[1] and 'memorised' in printed[4] and 'chance 10%' in printed[4]
+
+
+def check_data_randomisation(record: dict, runs: str) -> None:
+    """Every key of cnn_sanity.data_randomisation, and a permuted-label run folder that says so itself."""
+    assert set(record) >= {'rank_correlation', 'faithfulness', 'model', 'explained_class', 'similarity', 'images'}
+    assert set(record['rank_correlation']) == {'cam', 'grad_cam', 'grad_cam_pp'}
+    assert all(set(r) == {'rho', 'lo', 'hi', 'flat_maps'} and -1 <= r['lo'] <= r['hi'] <= 1
+               for r in record['rank_correlation'].values())
+    faith = record['faithfulness']
+    assert set(faith['table']) == {'cam_permuted', 'grad_cam_permuted', 'grad_cam_pp_permuted'}
+    assert faith['comparisons']['size'] == 24 and len(faith['comparisons']['verdicts']) == 6
+    verdicts = faith['comparisons']['verdicts']['grad_cam_pp_permuted_vs_random'].split(', ')
+    assert [v.split()[0] for v in verdicts] == ['deletion', 'insertion', 'avg_drop', 'increase']
+    assert all(v.split()[1] in ('tie', 'better', 'worse') for v in verdicts)
+    model = record['model']
+    assert {'run_dir', 'epochs', 'subset', 'permutation_seed', 'train_acc_permuted', 'test_acc'} <= set(model)
+    assert (model['epochs'], model['subset'], model['permutation_seed'], model['checkpoint']) == (2, 48, 1, 'last.pt')
+    assert 0 <= model['train_acc_permuted'] <= 1 and 0 <= model['test_acc'] <= 1
+    run_dir = model['run_dir']
+    assert os.path.dirname(run_dir) == os.path.join(runs, 'exercise_2_3')          # never a 1.3 checkpoint
+    assert os.path.basename(run_dir).startswith('random-labels-cifar10-')
+    assert os.path.exists(os.path.join(run_dir, 'checkpoints', 'last.pt'))
+    with open(os.path.join(run_dir, 'config.json')) as f:                          # its own files say so
+        config = json.load(f)
+    assert config['train_labels'].startswith('PERMUTED') and config['label_permutation_seed'] == 1
+    with open(os.path.join(run_dir, 'results.json')) as f:
+        assert 'training labels permuted (seed 1)' in json.load(f)['dataset']
+
+
+def test_permuted_label_model_is_reused_and_retrained_when_a_setting_changes(tiny_checkpoint, tmp_path, capsys):
+    from checkpoint import load
+    from exercise_1_3 import build_model
+    from sanity import permuted_label_model
+    trained = load(tiny_checkpoint['path']).config
+    config = {**ex23.config, 'runs_dir': str(tmp_path / 'runs'), 'wandb': 'off', 'device': 'cpu',
+              'random_labels_epochs': 1, 'random_labels_subset': 48}
+    train = lambda **change: permuted_label_model(ex23.EXERCISE, trained, {**config, **change}, False, build_model,
+                                                  torch.device('cpu'))[1]['run_dir']
+    first = train()
+    assert first == train() and 'skip' in capsys.readouterr().out                 # same settings: reused
+    runs = {first, train(random_labels_seed=2), train(random_labels_epochs=2)}
+    assert len(runs) == 3 and all(os.path.exists(os.path.join(r, 'results.json')) for r in runs)
+    assert len(os.listdir(tmp_path / 'runs' / 'exercise_2_3')) == 3
 
 
 def test_part1_trains_exercise_1_3_when_there_is_no_checkpoint(tiny_checkpoint, tmp_path, monkeypatch, capsys):
