@@ -4,8 +4,8 @@ Explains exercise 1.3's CNN (part 1) and torchvision's ImageNet ResNet-18 on Ima
 (part 2: not held out, see NOT_HELD_OUT) with CAM, Grad-CAM and Grad-CAM++, shows example maps,
 and scores how faithful each map is against random, constant and object-prior baselines, with 95%
 intervals (explain.faithfulness), paired Holm-corrected comparisons between maps and, for part 1,
-Adebayo et al.'s cascading randomisation (sanity.py). Writes figures and results.json to
-runs/exercise_2_3/<run>/. What each choice means, and the measured results: docs/exercise_2_3.md.
+Adebayo et al.'s cascading and (--random_labels_epochs) data randomisation (sanity.py). Writes figures
+and results.json to runs/exercise_2_3/<run>/. What each choice means, and the results: docs/exercise_2_3.md.
 
     python exercise_2_3.py                                   # newest 1.3 checkpoint + ResNet-18
     python exercise_2_3.py --checkpoint runs/exercise_1_3/<run>/checkpoints/best.pt --part cnn
