@@ -52,8 +52,8 @@ config = {
     'substrate': 'auto',            # auto (black on mnist, fashion_mnist, digits; else rise) | black | rise
     'sensitivity': True,            # also score every map with the other substrate (a sensitivity table)
     'sanity_images': 200,           # part 1: test images (spread) for Adebayo's cascading randomisation (0 = skip)
-    'random_labels_epochs': 0,      # part 1: Adebayo's data randomisation: epochs of a copy trained on permuted labels (0 = skip: a training run)
-    'random_labels_subset': 5000,   # its training images (val, test: as many at most): memorised in minutes on a CPU
+    'random_labels_epochs': 0,      # part 1: Adebayo's data randomisation: epochs of a copy trained on permuted labels (0 = skip)
+    'random_labels_subset': 5000,   # its training images (val, test: as many at most): few, so memorising is affordable
     'random_labels_seed': 1,        # seed of its training labels' permutation (its init and shuffling: --seed)
     'min_map_size': 3,              # refuse target-layer maps smaller than this many cells a side (1x1 cannot localise)
     'weights': 'imagenet',          # imagenet (torchvision download) | random (smoke runs: meaningless maps)
@@ -228,8 +228,7 @@ def run_sanity(run: Run, model: nn.Module, ckpt: Checkpoint, split: Split, datas
     print_comparisons('sanity checks', record['faithfulness']['comparisons'])
     record['data_randomisation'] = None  # --random_labels_epochs 0: skipped
     if config['random_labels_epochs'] > 0:  # trains (or reuses) a model through training.cached_run
-        permuted, about = permuted_label_model(EXERCISE, ckpt.config, config, 'data_dir' in overrides, build_model,
-                                               run.device)
+        permuted, about = permuted_label_model(EXERCISE, ckpt.config, config, 'data_dir' in overrides, build_model, run.device)
         data_random, maps['permuted labels'] = data_randomisation(model, permuted, x, split.mean, split.std, substrate, **kw)
         record['data_randomisation'] = data_random = {**data_random, 'model': significant(about)}
         print_data_randomisation(data_random)

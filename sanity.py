@@ -233,11 +233,9 @@ def permute_labels(data: Data, seed: int) -> Data:
 
 
 def permuted_label_config(trained: dict, config: dict, data_dir_given: bool) -> tuple[dict, str]:
-    """The permuted-label model's config and run name: the explained checkpoint's config `trained` (its
-    architecture, data and recipe) with exercise 2.3's random_labels_* keys, seed, max_steps and where it
-    runs; without augmentation (a shifted copy of an image with a random label slows memorisation and adds
-    nothing to this check). Its own config says its labels were permuted; its name carries the digest of
-    everything that shapes it, so a changed setting trains a new model."""
+    """The permuted-label model's config (the explained checkpoint's, `trained`: architecture, data, recipe;
+    with 2.3's random_labels_* keys, seed, max_steps, where it runs; no augmentation: shifted copies slow
+    memorising) saying its labels were permuted, and its run name with the digest of all that shapes it."""
     runs = {k: config[k] for k in keys_with(config, RUNS) if k != 'data_dir' or data_dir_given}
     seed = config['random_labels_seed']
     cfg = {**trained, **runs, 'epochs': config['random_labels_epochs'], 'subset': config['random_labels_subset'],
@@ -250,15 +248,14 @@ def permuted_label_config(trained: dict, config: dict, data_dir_given: bool) -> 
 
 def permuted_label_model(exercise: str, trained: dict, config: dict, data_dir_given: bool, build_model: BuildModel,
                          device: torch.device) -> tuple[nn.Module, dict]:
-    """The data randomisation's model through the one training path (training.cached_run, under
-    runs/<exercise>/, reused when done): permuted_label_config's run on permute_labels(load_data(...)).
-    Its LAST checkpoint: with true val labels, best-on-val would pick the least memorised epoch.
-    Returns (model on device, its record: run_dir, checkpoint, epochs, subset, permutation_seed, memorisation)."""
+    """The data randomisation's model via training.cached_run (runs/<exercise>/<name>, reused when done), and its
+    record. Its LAST checkpoint: with true val labels, best-on-val would pick the least memorised epoch."""
     cfg, name = permuted_label_config(trained, config, data_dir_given)
 
     def make_data(c: dict, on: torch.device) -> Data:
         return permute_labels(load_data(c, on), c['label_permutation_seed'])
-    run_dir, _ = cached_run(exercise, cfg, name, build_model, make_data=make_data, tags=['random-labels'])
+    with torch.random.fork_rng(devices=[]):  # training reseeds; the caller's RNG stream is left as it was
+        run_dir, _ = cached_run(exercise, cfg, name, build_model, make_data=make_data, tags=['random-labels'])
     model, _ = load_model(os.path.join(run_dir, 'checkpoints', 'last.pt'), expect=(CNN,), what='a models.CNN')
     model.to(device).eval()
     return model, {'run_dir': run_dir, 'checkpoint': 'last.pt', 'epochs': cfg['epochs'], 'subset': cfg['subset'],
