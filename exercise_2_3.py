@@ -302,9 +302,15 @@ def main(config: dict, overrides: dict) -> dict:
     if config['part'] not in ('cnn', 'resnet', 'all'):
         raise UserError(f"unknown part {config['part']!r}; choose cnn, resnet or all")
     if config['resume']:
-        raise UserError("exercise 2.3 trains nothing, so --resume does not apply")
+        raise UserError("--resume does not apply to exercise 2.3 (its one training run, the permuted-label copy, "
+                        "resumes by itself)")
     if len(config['per_class']) != 2 or min(config['per_class']) < 0:
         raise UserError(f"--per_class takes [correct, wrong] counts, got {config['per_class']}")
+    for key in ('random_labels_epochs', 'random_labels_subset'):
+        if config[key] < 0:
+            raise UserError(f"--{key} must be >= 0, got {config[key]}")
+    if config['random_labels_epochs'] and config['sanity_images'] <= 0:
+        raise UserError("--random_labels_epochs needs --sanity_images > 0 (the images both checks explain)")
     cnn = config['part'] in ('cnn', 'all')
     resnet = config['part'] in ('resnet', 'all')
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import exercise_2_3 as ex23
-from config import UserError, cli
+from config import UserError, cli, parse_args
 from explain import BETTER
 from dataset import IMAGENETTE_WNIDS, load_imagenette
 from models import IMAGENETTE_TO_IMAGENET, restrict_head
@@ -310,3 +310,16 @@ def test_offline_part2_is_skipped_and_part1_completes(tiny_checkpoint, tmp_path,
     assert results['resnet18'] is None and 'skipped' in results['resnet18_skipped']
     assert set(results['cnn']) == MAPS
     assert 'part 1 (our CNN) done' in results['summary'] and 'part 2 skipped' in results['summary']
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--random_labels_epochs', '-1'], '--random_labels_epochs must be >= 0'),
+    (['--random_labels_subset', '-5'], '--random_labels_subset must be >= 0'),
+    (['--random_labels_epochs', '2', '--sanity_images', '0'], 'needs --sanity_images > 0'),
+])
+def test_data_randomisation_settings_that_cannot_run_are_refused(tmp_path, argv, words):
+    """Before any checkpoint is loaded or trained: a negative count would silently skip (or, as a
+    subset, drop the last images); data randomisation without sanity images would silently do nothing."""
+    with pytest.raises(UserError) as e:
+        ex23.main({**ex23.config, "runs_dir": str(tmp_path), **parse_args(ex23.config, argv)}, {})
+    assert words in str(e.value) and '\n' not in str(e.value) and not os.listdir(tmp_path)
